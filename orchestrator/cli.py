@@ -1,0 +1,544 @@
+"""The ``orch`` command.
+
+Exit codes: 0 ok · 1 the execution ended failed/cancelled (with --wait) ·
+2 bad usage or bad input (one line on stderr, nothing written) · 124 --wait timeout.
+Listing commands take --json and then print JSON only on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from .client import Client, WaitTimeout
+from .errors import UserError
+from .settings import Settings
+from .store import Execution, Store
+
+T = TypeVar("T")
+EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 124
+STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
+
+
+def fail(message: str) -> None:
+    click.echo(f"orch: error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+    values = {k: v for k, v in {"database_url": ctx.obj.get("db"), **overrides}.items() if v}
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        fail(f"bad setting {'.'.join(map(str, err['loc']))}: {err['msg']} (check ORCH_* variables)")
+        raise AssertionError from None
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command body; user mistakes become one line and exit 2."""
+    try:
+        return asyncio.run(coro_fn())
+    except UserError as exc:
+        fail(str(exc))
+        raise AssertionError from None
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="milliseconds") + "Z" if value else None
+
+
+def execution_json(ex: Execution) -> dict[str, Any]:
+    return {
+        "id": ex.id,
+        "machine": ex.machine,
+        "status": ex.status,
+        "queue": ex.queue,
+        "priority": ex.priority,
+        "attempt": ex.attempt,
+        "recoveries": ex.recoveries,
+        "worker_id": ex.worker_id,
+        "input": ex.input,
+        "output": ex.output,
+        "error": ex.error,
+        "current_state": ex.current_state,
+        "step": ex.step,
+        "fence": ex.fence,
+        "config_hash": ex.config_hash,
+        "created_at": iso(ex.created_at),
+        "updated_at": iso(ex.updated_at),
+        "started_at": iso(ex.started_at),
+        "finished_at": iso(ex.finished_at),
+    }
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def parse_input_object(text: str, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "give an object such as '{\"n\": 5}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{where} must be a JSON object such as '{{\"n\": 5}}', not a {type(value).__name__}"
+        )
+    return value
+
+
+def read_inputs(input_json: str | None, input_file: str | None) -> tuple[list[dict], bool]:
+    """(inputs, is_batch). All of a .jsonl file is checked before anything is written."""
+    if input_json is not None and input_file is not None:
+        raise UserError("give --input or --input-file, not both")
+    if input_file is None:
+        return [parse_input_object(input_json, "--input") if input_json is not None else {}], False
+    path = Path(input_file)
+    if not path.is_file():
+        raise UserError(f"input file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        inputs = [
+            parse_input_object(line, f"{path} line {n}")
+            for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()
+        ]
+        if not inputs:
+            raise UserError(f"{path} holds no input lines")
+        return inputs, True
+    return [parse_input_object(text, str(path))], False
+
+
+# ---------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    envvar="ORCH_DATABASE_URL",
+    default=None,
+    help="Database URL (default sqlite:///./orch.sqlite). Env: ORCH_DATABASE_URL.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail on stderr.")
+@click.version_option(package_name="flatorch", prog_name="orch")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
+    """flatorch: durable FlatMachine workflows on SQLite or PostgreSQL."""
+    ctx.ensure_object(dict)
+    ctx.obj["db"] = db
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("flatmachines", "flatagents", "alembic", "aiosqlite", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@cli.command()
+@click.argument("machine")
+@click.option("--input", "input_json", help="Input as a JSON object.")
+@click.option("--input-file", help="JSON object file; .jsonl submits one execution per line.")
+@click.option("--queue", default="default", show_default=True)
+@click.option(
+    "--id",
+    "execution_id",
+    help="Caller-chosen id; submitting it again returns the existing execution.",
+)
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
+@click.option("--wait", is_flag=True, help="Wait for the outcome (exit 1 if failed/cancelled).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    help="With --wait: give up after S seconds (exit 124).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+@click.pass_context
+def submit(
+    ctx,
+    machine,
+    input_json,
+    input_file,
+    queue,
+    execution_id,
+    priority,
+    delay,
+    wait,
+    timeout,
+    as_json,
+):
+    """Enqueue MACHINE.yml; prints the execution id."""
+    settings = settings_from(ctx)
+
+    async def body() -> int:
+        inputs, batch = read_inputs(input_json, input_file)
+        async with await Client.open(settings) as client:
+            if batch:
+                ids = (
+                    [f"{execution_id}-{n}" for n in range(1, len(inputs) + 1)]
+                    if execution_id
+                    else None
+                )
+                submitted = await _submit_with_progress(
+                    client, machine, inputs, ids, queue, priority, delay, as_json
+                )
+            else:
+                submitted = [
+                    await client.submit(
+                        machine,
+                        inputs[0],
+                        id=execution_id,
+                        queue=queue,
+                        priority=priority,
+                        delay=delay,
+                    )
+                ]
+            executions = [s.execution for s in submitted]
+            if wait:
+                try:
+                    executions = [await client.wait(ex.id, timeout) for ex in executions]
+                except WaitTimeout as exc:
+                    click.echo(
+                        f"orch: timed out waiting for {exc.execution.id} "
+                        f"(still {exc.execution.status})",
+                        err=True,
+                    )
+                    return EXIT_TIMEOUT
+            if as_json:
+                docs = [
+                    {**execution_json(ex), "created": s.created}
+                    for ex, s in zip(executions, submitted, strict=True)
+                ]
+                emit_json(docs if batch else docs[0])
+            else:
+                for ex in executions:
+                    click.echo(ex.id)
+                    if wait:
+                        click.echo(
+                            json.dumps(ex.output)
+                            if ex.status == "completed"
+                            else f"{ex.status}: {ex.error}"
+                        )
+            if wait and any(ex.status in ("failed", "cancelled") for ex in executions):
+                return EXIT_FAILED
+            return 0
+
+    sys.exit(run(body))
+
+
+async def _submit_with_progress(client, machine, inputs, ids, queue, priority, delay, quiet):
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(
+        console=Console(stderr=True), transient=quiet, disable=not sys.stderr.isatty()
+    ) as bar:
+        task = bar.add_task("submitting", total=len(inputs))
+        return await client.submit_many(
+            machine,
+            inputs,
+            ids=ids,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            progress=lambda n: bar.advance(task, n),
+        )
+
+
+@cli.command()
+@click.option(
+    "--app", envvar="ORCH_APP", help="MODULE[:ATTR] whose hooks_registry names your hooks."
+)
+@click.option(
+    "--queue", "queues", multiple=True, help="Queue to serve (repeatable; default 'default')."
+)
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--burst", is_flag=True, help="Exit 0 when nothing is left to claim.")
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=0.1),
+    envvar="ORCH_LEASE_TTL",
+    help="Lease seconds (default 30). Env: ORCH_LEASE_TTL.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM, seconds to let running executions finish before releasing them.",
+)
+@click.pass_context
+def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
+    """Claim and run executions; SIGTERM/SIGINT drains."""
+    from .app import load_hooks_registry
+    from .worker import Worker, WorkerOptions
+
+    settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
+
+    async def body() -> None:
+        registry = load_hooks_registry(settings.app)
+        store = await Store.open(settings)
+        try:
+            options = WorkerOptions(
+                queues=list(queues) or ["default"],
+                concurrency=concurrency,
+                burst=burst,
+                drain_timeout=drain_timeout,
+            )
+            await Worker(store, registry, options, settings).run()
+        finally:
+            await store.close()
+
+    run(body)
+
+
+@cli.command(name="list")
+@click.option("--status", type=click.Choice(STATUSES))
+@click.option("--queue")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def list_(ctx, status, queue, limit, as_json):
+    """Executions, newest first."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            rows = await client.list(status=status, queue=queue, limit=limit)
+        if as_json:
+            emit_json([execution_json(ex) for ex in rows])
+            return
+        _table(
+            ["id", "machine", "status", "queue", "state", "attempt", "recoveries", "updated"],
+            [
+                [
+                    ex.id,
+                    ex.machine,
+                    ex.status,
+                    ex.queue,
+                    ex.current_state or "",
+                    str(ex.attempt),
+                    str(ex.recoveries),
+                    iso(ex.updated_at),
+                ]
+                for ex in rows
+            ],
+        )
+
+    run(body)
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def show(ctx, execution_id, as_json):
+    """One execution with its checkpoint history."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            ex = await client.get(execution_id)
+            history = await client.history(execution_id)
+        doc = {
+            **execution_json(ex),
+            "history": [
+                {"step": h.step, "event": h.event, "state": h.state, "at": iso(h.at)}
+                for h in history
+            ],
+        }
+        if as_json:
+            emit_json(doc)
+            return
+        for key in (
+            "id",
+            "machine",
+            "status",
+            "queue",
+            "attempt",
+            "recoveries",
+            "worker_id",
+            "current_state",
+            "created_at",
+            "updated_at",
+        ):
+            click.echo(f"{key:>14}: {doc[key]}")
+        click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
+        click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
+        if doc["error"]:
+            click.echo(f"{'error':>14}: {doc['error']}")
+        _table(
+            ["step", "event", "state", "at"],
+            [[str(h["step"]), h["event"], h["state"] or "", h["at"]] for h in doc["history"]],
+        )
+
+    run(body)
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after S seconds (exit 124).")
+@click.pass_context
+def result(ctx, execution_id, timeout):
+    """Wait for an execution and print its output JSON."""
+    settings = settings_from(ctx)
+
+    async def body() -> int:
+        async with await Client.open(settings) as client:
+            try:
+                ex = await client.wait(execution_id, timeout)
+            except WaitTimeout as exc:
+                click.echo(
+                    f"orch: timed out waiting for {execution_id} (still {exc.execution.status})",
+                    err=True,
+                )
+                return EXIT_TIMEOUT
+        if ex.status == "completed":
+            click.echo(json.dumps(ex.output))
+            return 0
+        click.echo(
+            f"orch: execution {ex.id} is {ex.status}: {ex.error or ''}".rstrip(": "), err=True
+        )
+        return EXIT_FAILED
+
+    sys.exit(run(body))
+
+
+@cli.command()
+@click.option("--all", "include_stopped", is_flag=True, help="Include stopped workers.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workers(ctx, include_stopped, as_json):
+    """Workers and what they run."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        store = await Store.open(settings)
+        try:
+            rows = await store.list_workers(include_stopped=include_stopped or as_json)
+        finally:
+            await store.close()
+        if as_json:
+            emit_json(
+                [
+                    {
+                        "id": w.id,
+                        "host": w.host,
+                        "pid": w.pid,
+                        "queues": w.queues,
+                        "concurrency": w.concurrency,
+                        "status": w.status,
+                        "running": w.running,
+                        "completed": w.completed,
+                        "failed": w.failed,
+                        "started_at": iso(w.started_at),
+                        "last_heartbeat": iso(w.last_heartbeat),
+                        "stopped_at": iso(w.stopped_at),
+                    }
+                    for w in rows
+                ]
+            )
+            return
+        _table(
+            ["id", "status", "queues", "running", "completed", "failed", "heartbeat"],
+            [
+                [
+                    w.id,
+                    w.status,
+                    ",".join(w.queues),
+                    f"{w.running}/{w.concurrency}",
+                    str(w.completed),
+                    str(w.failed),
+                    iso(w.last_heartbeat),
+                ]
+                for w in rows
+            ],
+        )
+
+    run(body)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def queues(ctx, as_json):
+    """Queues: executions per status and workers serving each."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        store = await Store.open(settings)
+        try:
+            rows = await store.queue_stats()
+        finally:
+            await store.close()
+        if as_json:
+            emit_json(rows)
+            return
+        cols = [
+            "queue",
+            "queued",
+            "running",
+            "waiting",
+            "completed",
+            "failed",
+            "cancelled",
+            "workers",
+        ]
+        _table(cols, [[str(r[c]) for c in cols] for r in rows])
+
+    run(body)
+
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command()
+@click.pass_context
+def upgrade(ctx):
+    """Apply migrations (a new SQLite file is upgraded automatically)."""
+    from .store.engine import head_revision
+
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        store = await Store.open(settings)  # opening brings the schema to head
+        await store.close()
+        click.echo(f"database at revision {head_revision()}")
+
+    run(body)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=None, pad_edge=False, header_style="bold")
+    for row in rows:
+        table.add_row(*[str(c) if c is not None else "" for c in row])
+    # a pipe gets full ids, not a table squeezed to 80 columns
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

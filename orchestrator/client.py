@@ -1,0 +1,155 @@
+"""The public API: submit work and look at it. The CLI is a thin layer on this."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from .clock import utcnow
+from .errors import ExecutionNotFound, UserError
+from .machine_config import MachineConfig, load_machine_file
+from .settings import Settings
+from .store import CheckpointRecord, Execution, NewExecution, Store
+
+SUBMIT_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    execution: Execution
+    created: bool  # False: the id existed, this is the existing execution
+
+
+class WaitTimeout(Exception):
+    def __init__(self, execution: Execution):
+        super().__init__(f"execution {execution.id} still {execution.status}")
+        self.execution = execution
+
+
+class Client:
+    def __init__(self, store: Store):
+        self.store = store
+
+    @classmethod
+    async def open(cls, settings: Settings | None = None) -> Client:
+        return cls(await Store.open(settings))
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------- submit
+
+    async def pin(self, machine: str | Path | MachineConfig) -> MachineConfig:
+        """Load, check and store a machine config by its content hash."""
+        config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
+        await self.store.put_config(config.hash, config.name, config.raw)
+        return config
+
+    async def submit(
+        self,
+        machine: str | Path | MachineConfig,
+        input: dict[str, Any] | None = None,
+        *,
+        id: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        delay: float | None = None,
+    ) -> Submitted:
+        """Enqueue one execution. The same ``id`` again returns the existing one."""
+        [submitted] = await self.submit_many(
+            machine,
+            [input or {}],
+            ids=[id] if id else None,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+        )
+        return submitted
+
+    async def submit_many(
+        self,
+        machine: str | Path | MachineConfig,
+        inputs: Sequence[dict[str, Any]],
+        *,
+        ids: Sequence[str] | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        delay: float | None = None,
+        progress=None,
+    ) -> list[Submitted]:
+        for i, item in enumerate(inputs):
+            if not isinstance(item, dict):
+                raise UserError(f"input #{i + 1} is not a JSON object")
+        if ids is not None and len(ids) != len(inputs):
+            raise ValueError("ids and inputs differ in length")
+        if not queue:
+            raise UserError("--queue must not be empty")
+        config = await self.pin(machine)
+        not_before = utcnow() + timedelta(seconds=delay) if delay else None
+        rows = [
+            NewExecution(
+                id=ids[i] if ids else uuid.uuid4().hex,
+                machine=config.name,
+                config_hash=config.hash,
+                input=item,
+                queue=queue,
+                priority=priority,
+                not_before=not_before,
+            )
+            for i, item in enumerate(inputs)
+        ]
+        out: list[Submitted] = []
+        for start in range(0, len(rows), SUBMIT_BATCH):
+            batch = rows[start : start + SUBMIT_BATCH]
+            out.extend(Submitted(ex, created) for ex, created in await self.store.submit(batch))
+            if progress is not None:
+                progress(len(batch))
+        return out
+
+    # ------------------------------------------------------------- read
+
+    async def get(self, execution_id: str) -> Execution:
+        ex = await self.store.get(execution_id)
+        if ex is None:
+            raise ExecutionNotFound(execution_id)
+        return ex
+
+    async def history(self, execution_id: str) -> list[CheckpointRecord]:
+        return await self.store.history(execution_id)
+
+    async def list(
+        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[Execution]:
+        return await self.store.list_executions(status=status, queue=queue, limit=limit)
+
+    async def wait(self, execution_id: str, timeout: float | None = None) -> Execution:
+        """Until the execution is final (or waiting on a signal); WaitTimeout after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout is not None else None
+        pause = 0.05
+        while True:
+            ex = await self.get(execution_id)
+            if ex.is_final or ex.status == "waiting":
+                return ex
+            if deadline is not None and loop.time() >= deadline:
+                raise WaitTimeout(ex)
+            await asyncio.sleep(
+                pause if deadline is None else max(0.0, min(pause, deadline - loop.time()))
+            )
+            pause = min(pause * 1.5, 1.0)
+
+    async def result(self, execution_id: str, timeout: float | None = None) -> Any:
+        """The output of a completed execution (waits for it)."""
+        ex = await self.wait(execution_id, timeout)
+        return ex.output

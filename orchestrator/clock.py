@@ -1,0 +1,16 @@
+"""One clock for every lease decision: naive UTC, patched by freezegun in tests."""
+
+from datetime import UTC, datetime, timedelta
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
+    return now + timedelta(seconds=ttl_seconds)
+
+
+def renew_interval(ttl_seconds: float) -> float:
+    """Renew three times per TTL: one missed renewal never costs the lease."""
+    return ttl_seconds / 3

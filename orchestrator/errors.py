@@ -1,0 +1,30 @@
+"""Exceptions with a meaning in the domain."""
+
+
+class OrchError(Exception):
+    """Base class for orchestrator errors."""
+
+
+class UserError(OrchError):
+    """A mistake the user can fix; the CLI prints it as one line and exits 2."""
+
+
+class ExecutionNotFound(UserError):
+    def __init__(self, execution_id: str):
+        super().__init__(f"no execution with id '{execution_id}' (see `orch list`)")
+        self.execution_id = execution_id
+
+
+class LeaseLost(OrchError):
+    """The claim's fence moved on: another worker owns the execution now.
+
+    Raised from a fenced write; the worker abandons the execution without
+    writing anything more.
+    """
+
+    def __init__(self, execution_id: str, fence: int):
+        super().__init__(
+            f"lease lost on execution {execution_id} (fence {fence} is no longer current)"
+        )
+        self.execution_id = execution_id
+        self.fence = fence

@@ -1,0 +1,155 @@
+"""Machine configs: load and check a workflow file at submit, pin it by hash.
+
+At submit the config is loaded by flatmachines itself (so agent file refs are
+resolved into the config), checked, and its normalised text stored by content
+hash. A worker rebuilds the machine from that text, never from the file on
+disk, so an execution resumes with exactly the config it started with.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend
+from flatmachines.persistence import config_hash
+from flatmachines.validation import validate_flatmachine_config
+
+from .errors import UserError
+
+
+@dataclass(frozen=True, slots=True)
+class MachineConfig:
+    name: str
+    raw: str  # normalised YAML, agent refs embedded
+    hash: str
+    hook_names: frozenset[str]
+
+
+class _AnyHooks(HooksRegistry):
+    """Resolves every hooks name to no-op hooks: a submit checks shape, not hooks."""
+
+    def resolve(self, ref: Any) -> MachineHooks:
+        return MachineHooks()
+
+
+def hook_names(config: dict[str, Any]) -> frozenset[str]:
+    """Every hooks name a config refers to (lifecycle and per state)."""
+    data = config.get("data") or {}
+    refs: list[Any] = [data.get("lifecycle_hooks")]
+    for state in (data.get("states") or {}).values():
+        if isinstance(state, dict):
+            refs.append(state.get("hooks"))
+    names: set[str] = set()
+
+    def collect(ref: Any) -> None:
+        if isinstance(ref, str):
+            names.add(ref)
+        elif isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            names.add(ref["name"])
+        elif isinstance(ref, list):
+            for r in ref:
+                collect(r)
+
+    for ref in refs:
+        collect(ref)
+    return frozenset(names)
+
+
+def _check_structure(config: Any, where: str) -> None:
+    if not isinstance(config, dict):
+        raise UserError(f"{where}: not a flatmachine config (expected a YAML mapping at the top)")
+    if config.get("spec") != "flatmachine":
+        raise UserError(f"{where}: field 'spec' must be 'flatmachine' (got {config.get('spec')!r})")
+    data = config.get("data")
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: field 'data' is missing or not a mapping")
+    states = data.get("states")
+    if not isinstance(states, dict) or not states:
+        raise UserError(f"{where}: field 'data.states' must map state names to states")
+    errors = validate_flatmachine_config(config, warn=False, strict=False)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{where}: invalid flatmachine: {errors[0]}{more}")
+    for name, state in states.items():
+        if not isinstance(state, dict):
+            raise UserError(f"{where}: field 'data.states.{name}' must be a mapping")
+        for i, tr in enumerate(state.get("transitions") or []):
+            target = tr.get("to") if isinstance(tr, dict) else None
+            if target not in states:
+                raise UserError(
+                    f"{where}: field 'data.states.{name}.transitions[{i}].to' names "
+                    f"unknown state {target!r}"
+                )
+        on_error = state.get("on_error")
+        targets = on_error.values() if isinstance(on_error, dict) else [on_error]
+        for target in targets:
+            if target is not None and target not in states:
+                raise UserError(
+                    f"{where}: field 'data.states.{name}.on_error' names unknown state {target!r}"
+                )
+    persistence = data.get("persistence") or {}
+    if isinstance(persistence, dict) and persistence.get("enabled", True) is False:
+        raise UserError(
+            f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
+            "execution could not resume after a crash; remove it to run under the orchestrator"
+        )
+
+
+def load_machine_file(path: str | Path) -> MachineConfig:
+    """Read, check and normalise a workflow file; UserError names what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"machine file not found: {p} (give the path to a flatmachine .yml)")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read machine file {p}: {exc}") from None
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{p}: YAML does not parse{at}: {problem}") from None
+    _check_structure(config, str(p))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("flatmachines").disabled = True
+            try:
+                machine = FlatMachine(
+                    config_file=str(p), hooks_registry=_AnyHooks(), persistence=MemoryBackend()
+                )
+            finally:
+                logging.getLogger("flatmachines").disabled = False
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        raise UserError(f"{p}: invalid flatmachine: {exc}") from None
+    raw = machine._config_raw or yaml.safe_dump(config, sort_keys=False)
+    return MachineConfig(
+        name=machine.machine_name,
+        raw=raw,
+        hash=config_hash(raw),
+        hook_names=hook_names(machine.config),
+    )
+
+
+class ConfigCache:
+    """Parsed configs by hash: a worker parses each pinned config once."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, dict[str, Any]] = {}
+
+    def get(self, hash_key: str) -> dict[str, Any] | None:
+        cached = self._parsed.get(hash_key)
+        return copy.deepcopy(cached) if cached is not None else None
+
+    def put(self, hash_key: str, raw: str) -> dict[str, Any]:
+        parsed = yaml.safe_load(raw)
+        self._parsed[hash_key] = parsed
+        return copy.deepcopy(parsed)

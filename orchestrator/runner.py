@@ -1,0 +1,162 @@
+"""Run one claimed execution to its outcome, resuming from its latest checkpoint.
+
+flatmachines 4.2.1 resumes a ``state_exit`` snapshot by running that state
+again, applying its effects twice. The runner does not inherit that: when the
+latest checkpoint is a state's ``state_exit`` it takes the transition itself
+and hands the machine a snapshot that starts at the next state (or finishes
+the machine), so a state whose exit committed never runs again. It also
+treats a lone ``machine_start`` as "not started" (the library would try to run
+a state called 'start').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from flatmachines import FlatMachine, HooksRegistry
+from flatmachines.persistence import MachineSnapshot
+
+from .app import registered_names
+from .errors import LeaseLost
+from .machine_config import ConfigCache, hook_names
+from .persistence import FencedLock, FencedPersistence, StoreConfigStore
+from .store import Claim, Store
+
+log = logging.getLogger(__name__)
+
+# A workflow is bounded by its own logic; this only stops a runaway loop.
+MAX_STEPS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str  # completed | failed | waiting | lost
+    output: Any = None
+    error: str | None = None
+
+
+class Runner:
+    """Builds FlatMachines for claims; one per worker (it caches parsed configs)."""
+
+    def __init__(self, store: Store, hooks_registry: HooksRegistry):
+        self.store = store
+        self.hooks_registry = hooks_registry
+        self.configs = ConfigCache()
+        self.config_store = StoreConfigStore(store)
+
+    async def _config(self, config_hash: str) -> dict[str, Any]:
+        config = self.configs.get(config_hash)
+        if config is None:
+            raw = await self.store.get_config(config_hash)
+            if raw is None:
+                raise RuntimeError(f"config {config_hash} is missing from the store")
+            config = self.configs.put(config_hash, raw)
+        return config
+
+    def _missing_hooks(self, config: dict[str, Any]) -> set[str]:
+        return set(hook_names(config)) - registered_names(self.hooks_registry)
+
+    async def run(self, claim: Claim) -> Outcome:
+        """Run and record the outcome. LeaseLost anywhere means: write nothing more."""
+        try:
+            outcome = await self._run(claim)
+        except LeaseLost:
+            log.warning("lease lost on %s; abandoning it to its new owner", claim.execution.id)
+            return Outcome("lost")
+        except Exception as exc:  # the machine's own unhandled error
+            detail = "".join(traceback.format_exception(exc)).strip()
+            outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc}\n\n{detail}")
+        try:
+            await self.store.finish(
+                claim, status=outcome.status, output=outcome.output, error=outcome.error
+            )
+        except LeaseLost:
+            return Outcome("lost")
+        return outcome
+
+    async def _run(self, claim: Claim) -> Outcome:
+        ex = claim.execution
+        config = await self._config(ex.config_hash)
+        missing = self._missing_hooks(config)
+        if missing:
+            names = ", ".join(sorted(missing))
+            return Outcome(
+                "failed",
+                error=f"machine '{ex.machine}' needs hooks this worker lacks: {names}; start the "
+                "worker with --app MODULE (or ORCH_APP) whose hooks_registry registers them, "
+                f"then `orch retry {ex.id}`",
+            )
+        persistence = FencedPersistence(self.store, claim)
+        machine = FlatMachine(
+            config_dict=config,
+            hooks_registry=self.hooks_registry,
+            persistence=persistence,
+            lock=FencedLock(self.store, claim),
+            config_store=self.config_store,
+            _execution_id=ex.id,
+        )
+        # the config is pinned already: no re-hash, no re-put per execution
+        machine._config_hash = ex.config_hash
+
+        latest = await self.store.latest_checkpoint(ex.id)
+        snapshot = MachineSnapshot(**json.loads(latest[1])) if latest else None
+        if snapshot is None or snapshot.event == "machine_start":
+            result = await machine.execute(input=ex.input, max_steps=MAX_STEPS)
+        elif snapshot.event == "machine_end":
+            result = await _end(machine, snapshot, already_saved=True)
+        elif snapshot.event == "state_exit":
+            result = await _continue_after_exit(machine, persistence, snapshot)
+        else:
+            # the state in flight when the last owner stopped runs again (at least once)
+            result = await machine.execute(resume_from=ex.id, max_steps=MAX_STEPS)
+
+        if isinstance(result, dict) and result.get("_waiting"):
+            return Outcome("waiting", output={"channel": result.get("_channel")})
+        return Outcome("completed", output=result)
+
+
+async def _end(machine: FlatMachine, snapshot: MachineSnapshot, *, already_saved: bool) -> Any:
+    """The tail of FlatMachine.execute: machine_end checkpoint, then on_machine_end."""
+    context = machine._inject_machine_metadata(dict(snapshot.context), "end")
+    output = snapshot.output or {}
+    if not already_saved:
+        await machine._save_checkpoint("machine_end", "end", snapshot.step, context, output=output)
+    return await machine._run_hook(machine._lifecycle_hooks, "on_machine_end", context, output)
+
+
+async def _continue_after_exit(
+    machine: FlatMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
+) -> Any:
+    """Resume after a committed state_exit with the transition, not the state."""
+    state = snapshot.current_state
+    context = dict(snapshot.context)
+    if state in machine._final_states:
+        return await _end(machine, snapshot, already_saved=False)
+    machine._current_step = snapshot.step
+    context = machine._inject_machine_metadata(context, state)
+    if "_tool_loop_next_state" in context:
+        next_state = context.pop("_tool_loop_next_state")
+        context.pop("_tool_loop_stop", None)
+    else:
+        next_state = machine._find_next_state(state, context)
+    if next_state:
+        next_state = await machine._run_hook(
+            machine._get_state_hooks(state), "on_transition", state, next_state, context
+        )
+    context.pop("machine", None)
+    if not next_state:
+        # no transition out of a non-final state: the machine ends with no output
+        return await _end(
+            machine, dataclasses.replace(snapshot, context=context, output={}), already_saved=False
+        )
+    advanced = dataclasses.replace(
+        snapshot, current_state=next_state, context=context, event="resume"
+    )
+    key = f"{snapshot.execution_id}/step_{snapshot.step:06d}_resume.json"
+    persistence.resume_snapshot = (key, json.dumps(dataclasses.asdict(advanced)).encode("utf-8"))
+    return await machine.execute(resume_from=snapshot.execution_id, max_steps=MAX_STEPS)

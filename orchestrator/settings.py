@@ -1,0 +1,24 @@
+"""Runtime settings, read from the environment (ORCH_*) and overridable by CLI flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./orch.sqlite"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ORCH_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    lease_ttl: float = Field(30.0, gt=0, description="seconds a claim stays valid unrenewed")
+    app: str | None = Field(None, description="MODULE[:ATTR] holding a flatmachines HooksRegistry")
+    poll_interval: float = Field(
+        0.5, gt=0, description="seconds an idle worker waits between claims"
+    )
+    max_recoveries: int = Field(5, ge=0, description="crash recoveries before an execution fails")
+    # SQLite durability: FULL syncs the WAL on every commit, so a committed
+    # checkpoint survives power loss, not only a process crash.
+    sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$")
+    sqlite_busy_timeout_ms: int = 10_000

@@ -1,0 +1,5 @@
+"""The shared store: SQLAlchemy schema, migrations and every query."""
+
+from .store import CheckpointRecord, Claim, Execution, NewExecution, Store, WorkerRecord
+
+__all__ = ["Store", "Execution", "NewExecution", "Claim", "CheckpointRecord", "WorkerRecord"]

@@ -1,0 +1,258 @@
+"""Connections: the only module that knows the drivers.
+
+SQLite: WAL, a busy timeout, ``BEGIN IMMEDIATE`` for write transactions (so two
+writers queue on the lock instead of failing to upgrade a read lock), and
+"database is locked" retried here, never shown to a caller.
+PostgreSQL: psycopg 3, pooled connections with pre-ping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_MIGRATION_LOCK = 0x0F1A7_0C4  # advisory lock key serialising concurrent upgrades
+
+
+def parse_url(raw: str) -> URL:
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise UserError(
+            f"cannot parse database URL '{raw}': expected sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST:PORT/DB (--db or ORCH_DATABASE_URL)"
+        ) from None
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise UserError(
+            f"unsupported database '{backend}' in {masked(url)}: use sqlite:///PATH or "
+            "postgresql+psycopg://…"
+        )
+    return url
+
+
+def masked(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def async_url(url: URL) -> URL:
+    if url.get_backend_name() == "sqlite":
+        return url.set(drivername="sqlite+aiosqlite")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def sync_url(url: URL) -> URL:
+    if url.get_backend_name() == "sqlite":
+        return url.set(drivername="sqlite")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def sqlite_path(url: URL) -> Path | None:
+    if url.get_backend_name() != "sqlite":
+        return None
+    db = url.database
+    if not db or db == ":memory:":
+        raise UserError("an in-memory SQLite database cannot be shared; give a file path")
+    return Path(db)
+
+
+def _install_sqlite_pragmas(sync_engine: sa.Engine, synchronous: str, busy_ms: int) -> None:
+    @sa.event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+        # Hand transaction control to SQLAlchemy so BEGIN is ours to choose.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @sa.event.listens_for(sync_engine, "begin")
+    def _on_begin(conn):  # pragma: no cover - trivial
+        if conn.get_execution_options().get("orch_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+def create_engine(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> AsyncEngine:
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(async_url(url), pool_size=8, max_overflow=8)
+        _install_sqlite_pragmas(engine.sync_engine, synchronous, busy_ms)
+        return engine
+    return create_async_engine(
+        async_url(url),
+        pool_pre_ping=True,
+        pool_size=8,
+        max_overflow=8,
+        pool_recycle=1800,
+    )
+
+
+def create_sync_engine(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> sa.Engine:
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+        _install_sqlite_pragmas(engine, synchronous, busy_ms)
+        return engine
+    return sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Lock contention or a dropped connection: safe to run the transaction again."""
+    if exc.connection_invalidated:
+        return True
+    msg = str(exc.orig).lower()
+    return any(
+        s in msg
+        for s in (
+            "database is locked",
+            "database table is locked",
+            "deadlock detected",
+            "could not serialize access",
+            "server closed the connection",
+            "terminating connection",
+            "connection refused",
+        )
+    )
+
+
+def is_readonly_error(exc: BaseException) -> bool:
+    return "readonly database" in str(exc).lower() or "read-only" in str(exc).lower()
+
+
+async def run_transaction(
+    engine: AsyncEngine,
+    fn: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    write: bool,
+    attempts: int = 30,
+) -> T:
+    """Run ``fn`` in one transaction, retrying lock contention and lost connections.
+
+    ``fn`` must be safe to run again from the start: it sees a fresh transaction.
+    """
+    delay = 0.005
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.connect() as conn:
+                if write:
+                    await conn.execution_options(orch_write=True)
+                async with conn.begin():
+                    return await fn(conn)
+        except OperationalError as exc:
+            if is_readonly_error(exc):
+                raise UserError(
+                    f"the database is read-only ({exc.orig}); give a writable file with --db"
+                ) from None
+            if attempt == attempts or not _is_transient(exc):
+                raise
+        except DBAPIError as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+        log.debug("transient database error, retry %d", attempt)
+        await asyncio.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- migrations
+
+
+def _alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+_HEAD: str | None = None
+
+
+def head_revision() -> str:
+    global _HEAD
+    if _HEAD is None:
+        _HEAD = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return _HEAD  # type: ignore[return-value]
+
+
+def current_revision(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> None:
+    """Apply migrations up to head; safe to run from several processes at once."""
+    engine = create_sync_engine(url, synchronous=synchronous, busy_ms=busy_ms)
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(orch_write=True)
+            with conn.begin():
+                if conn.dialect.name == "postgresql":
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
+                    )
+                # under the lock: another process may have just finished the upgrade
+                if current_revision(conn) == head_revision():
+                    return
+                cfg = _alembic_config()
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+
+
+def check_sqlite_writable(path: Path) -> None:
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UserError(
+                f"SQLite file {path} is read-only; make it writable or pass another --db"
+            )
+        directory = path.parent
+    else:
+        directory = path.parent if str(path.parent) else Path(".")
+        if not directory.exists():
+            raise UserError(f"directory {directory} for SQLite file {path} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UserError(
+            f"directory {directory} is read-only: SQLite writes its journal beside {path.name}"
+        )
+
+
+@contextlib.contextmanager
+def translate_connect_errors(url: URL):
+    """Turn an unreachable server into one clear line, password masked."""
+    try:
+        yield
+    except (OperationalError, DBAPIError) as exc:
+        if is_readonly_error(exc):
+            raise UserError(
+                f"the database {masked(url)} is read-only; pass a writable one with --db"
+            ) from None
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise UserError(
+            f"cannot reach database {masked(url)}: {reason} (check --db / ORCH_DATABASE_URL)"
+        ) from None
+    except OSError as exc:
+        raise UserError(
+            f"cannot reach database {masked(url)}: {exc} (check --db / ORCH_DATABASE_URL)"
+        ) from None

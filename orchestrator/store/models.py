@@ -1,0 +1,135 @@
+"""The schema: one SQLAlchemy metadata for SQLite and PostgreSQL.
+
+Times are naive UTC, computed by the caller (one clock per decision, easy to
+freeze in tests).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# BIGINT autoincrement on PostgreSQL, INTEGER PRIMARY KEY (rowid) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+configs = Table(
+    "configs",
+    metadata,
+    Column("hash", String(64), primary_key=True),
+    Column("machine_name", String(200), nullable=False),
+    Column("raw", Text, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("machine", String(200), nullable=False),
+    Column("config_hash", String(64), ForeignKey("configs.hash"), nullable=False),
+    Column("queue", String(100), nullable=False),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    # queued | running | waiting | completed | failed | cancelled
+    Column("status", String(16), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("output", JSON),
+    Column("error", Text),
+    Column("attempt", Integer, nullable=False, server_default=text("1")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("1")),
+    Column("recoveries", Integer, nullable=False, server_default=text("0")),
+    Column("not_before", DateTime),
+    Column("parent_id", String(200)),
+    Column("worker_id", String(200)),
+    Column("lease_until", DateTime),
+    Column("fence", BigInteger, nullable=False, server_default=text("0")),
+    Column("current_state", String(200)),
+    Column("step", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    # lease expiry scans
+    Index("ix_executions_lease", "status", "lease_until"),
+    Index("ix_executions_created", "created_at"),
+    Index("ix_executions_worker", "worker_id"),
+)
+
+# the claim: best runnable row of a queue, by priority (high first) then age
+Index(
+    "ix_executions_claim",
+    executions.c.queue,
+    executions.c.status,
+    executions.c.priority.desc(),
+    executions.c.created_at,
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    # the machine's own execution id: the root execution or an inline child
+    Column("execution_id", String(200), nullable=False),
+    Column("key", String(400), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("event", String(40), nullable=False),
+    Column("state", String(200)),
+    Column("snapshot", LargeBinary, nullable=False),
+    Column("fence", BigInteger, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    # latest checkpoint of an execution = max id: one index look-up
+    Index("ix_checkpoints_execution", "execution_id", "id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", JSON, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    # active | draining | stopped | lost
+    Column("status", String(16), nullable=False),
+    Column("started_at", DateTime, nullable=False),
+    Column("last_heartbeat", DateTime, nullable=False),
+    Column("stopped_at", DateTime),
+    Column("running", Integer, nullable=False, server_default=text("0")),
+    Column("completed", Integer, nullable=False, server_default=text("0")),
+    Column("failed", Integer, nullable=False, server_default=text("0")),
+    Index("ix_workers_status", "status"),
+)
+
+queues = Table(
+    "queues",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("min_workers", Integer, nullable=False, server_default=text("0")),
+    Column("max_workers", Integer, nullable=False, server_default=text("4")),
+    Column("concurrency_limit", Integer),
+    Column("paused", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", DateTime, nullable=False),
+)
+
+FINAL_STATUSES = ("completed", "failed", "cancelled")

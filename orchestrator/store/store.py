@@ -1,0 +1,718 @@
+"""Every query the orchestrator runs, as the domain's verbs.
+
+The whole concurrency story lives here: ``claim`` (one runnable row, fence += 1),
+``renew_leases``, ``save_checkpoint`` (refused unless the row still holds the
+caller's fence) and ``finish`` / ``release`` (likewise fenced).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ..clock import lease_deadline, utcnow
+from ..errors import LeaseLost, UserError
+from ..settings import Settings
+from . import engine as eng
+from .models import FINAL_STATUSES, checkpoints, configs, executions, queues, workers
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    id: str
+    machine: str
+    config_hash: str
+    queue: str
+    priority: int
+    status: str
+    input: dict[str, Any]
+    output: Any
+    error: str | None
+    attempt: int
+    max_attempts: int
+    recoveries: int
+    not_before: datetime | None
+    parent_id: str | None
+    worker_id: str | None
+    lease_until: datetime | None
+    fence: int
+    current_state: str | None
+    step: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Execution:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class NewExecution:
+    """What a submit puts in: the caller's side of an executions row."""
+
+    id: str
+    machine: str
+    config_hash: str
+    input: dict[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 1
+    not_before: datetime | None = None
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A lease on one execution: valid while the row's fence equals ``fence``."""
+
+    execution: Execution
+    worker_id: str
+    fence: int
+    recovered: bool  # taken over from an expired lease
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    step: int
+    event: str
+    state: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    status: str
+    started_at: datetime
+    last_heartbeat: datetime
+    stopped_at: datetime | None
+    running: int
+    completed: int
+    failed: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> WorkerRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+class Store:
+    """The shared store: one engine, every query."""
+
+    def __init__(self, engine: AsyncEngine, url: sa.URL, settings: Settings):
+        self.engine = engine
+        self.url = url
+        self.settings = settings
+        self.dialect = url.get_backend_name()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(cls, settings: Settings | None = None, *, migrate: bool = True) -> Store:
+        """Connect, check the database is usable, and bring the schema to head."""
+        settings = settings or Settings()
+        url = eng.parse_url(settings.database_url)
+        path = eng.sqlite_path(url)
+        if path is not None:
+            eng.check_sqlite_writable(path)
+        engine = eng.create_engine(
+            url, synchronous=settings.sqlite_synchronous, busy_ms=settings.sqlite_busy_timeout_ms
+        )
+        store = cls(engine, url, settings)
+        try:
+            with eng.translate_connect_errors(url):
+                if not await store._schema_is_current():
+                    if not migrate:
+                        raise UserError(
+                            f"{eng.masked(url)} has no current schema: run `orch db upgrade`"
+                        )
+                    await store.upgrade()
+        except BaseException:
+            await engine.dispose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def _schema_is_current(self) -> bool:
+        async with self.engine.connect() as conn:
+            rev = await conn.run_sync(eng.current_revision)
+            await conn.rollback()
+        return rev == eng.head_revision()
+
+    async def upgrade(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(
+            eng.upgrade,
+            self.url,
+            synchronous=self.settings.sqlite_synchronous,
+            busy_ms=self.settings.sqlite_busy_timeout_ms,
+        )
+
+    async def _write(self, fn):
+        return await eng.run_transaction(self.engine, fn, write=True)
+
+    async def _read(self, fn):
+        return await eng.run_transaction(self.engine, fn, write=False)
+
+    def _insert(self, table: sa.Table):
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    # -------------------------------------------------------------- configs
+
+    async def put_config(self, config_hash: str, machine_name: str, raw: str) -> str:
+        stmt = (
+            self._insert(configs)
+            .values(hash=config_hash, machine_name=machine_name, raw=raw, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["hash"])
+        )
+
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(stmt)
+
+        await self._write(tx)
+        return config_hash
+
+    async def get_config(self, config_hash: str) -> str | None:
+        async def tx(conn: AsyncConnection) -> str | None:
+            return await conn.scalar(sa.select(configs.c.raw).where(configs.c.hash == config_hash))
+
+        return await self._read(tx)
+
+    async def delete_config(self, config_hash: str) -> None:
+        async def tx(conn: AsyncConnection) -> None:
+            in_use = sa.select(executions.c.id).where(executions.c.config_hash == config_hash)
+            await conn.execute(
+                sa.delete(configs).where(configs.c.hash == config_hash, ~sa.exists(in_use))
+            )
+
+        await self._write(tx)
+
+    # ----------------------------------------------------------- submission
+
+    async def submit(self, new: Sequence[NewExecution]) -> list[tuple[Execution, bool]]:
+        """Insert executions; an id that exists already returns the existing row.
+
+        Returns (execution, created) per item, in order, all in one transaction.
+        """
+        now = utcnow()
+
+        async def tx(conn: AsyncConnection) -> list[tuple[Execution, bool]]:
+            for q in {n.queue for n in new}:
+                await conn.execute(
+                    self._insert(queues)
+                    .values(name=q, created_at=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+            out = []
+            for n in new:
+                inserted = await conn.execute(
+                    self._insert(executions)
+                    .values(
+                        id=n.id,
+                        machine=n.machine,
+                        config_hash=n.config_hash,
+                        queue=n.queue,
+                        priority=n.priority,
+                        status="queued",
+                        input=n.input,
+                        attempt=1,
+                        max_attempts=n.max_attempts,
+                        recoveries=0,
+                        not_before=n.not_before,
+                        parent_id=n.parent_id,
+                        fence=0,
+                        step=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(*executions.c)
+                )
+                row = inserted.mappings().first()
+                created = row is not None
+                if row is None:
+                    row = (
+                        (await conn.execute(sa.select(executions).where(executions.c.id == n.id)))
+                        .mappings()
+                        .one()
+                    )
+                out.append((Execution.from_row(row), created))
+            return out
+
+        return await self._write(tx)
+
+    # ------------------------------------------------------------- reading
+
+    async def get(self, execution_id: str) -> Execution | None:
+        async def tx(conn: AsyncConnection) -> Execution | None:
+            row = (
+                (await conn.execute(sa.select(executions).where(executions.c.id == execution_id)))
+                .mappings()
+                .first()
+            )
+            return Execution.from_row(row) if row else None
+
+        return await self._read(tx)
+
+    async def list_executions(
+        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[Execution]:
+        stmt = sa.select(executions).order_by(
+            executions.c.created_at.desc(), executions.c.id.desc()
+        )
+        if status:
+            stmt = stmt.where(executions.c.status == status)
+        if queue:
+            stmt = stmt.where(executions.c.queue == queue)
+        stmt = stmt.limit(limit)
+
+        async def tx(conn: AsyncConnection) -> list[Execution]:
+            return [Execution.from_row(r) for r in (await conn.execute(stmt)).mappings()]
+
+        return await self._read(tx)
+
+    async def history(self, execution_id: str) -> list[CheckpointRecord]:
+        stmt = (
+            sa.select(
+                checkpoints.c.step,
+                checkpoints.c.event,
+                checkpoints.c.state,
+                checkpoints.c.created_at,
+            )
+            .where(checkpoints.c.execution_id == execution_id)
+            .order_by(checkpoints.c.id)
+        )
+
+        async def tx(conn: AsyncConnection) -> list[CheckpointRecord]:
+            return [
+                CheckpointRecord(r.step, r.event, r.state, r.created_at)
+                for r in await conn.execute(stmt)
+            ]
+
+        return await self._read(tx)
+
+    async def count_by_status(self) -> dict[str, int]:
+        stmt = sa.select(executions.c.status, sa.func.count()).group_by(executions.c.status)
+
+        async def tx(conn: AsyncConnection) -> dict[str, int]:
+            return {s: n for s, n in await conn.execute(stmt)}
+
+        return await self._read(tx)
+
+    # --------------------------------------------------------------- claim
+
+    def _runnable_expired(self, queue_names: Sequence[str], now: datetime):
+        return (
+            sa.select(executions.c.id, executions.c.recoveries)
+            .where(
+                executions.c.queue.in_(queue_names),
+                executions.c.status == "running",
+                executions.c.lease_until < now,
+            )
+            .order_by(executions.c.lease_until)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+
+    def _runnable_queued(self, queue_names: Sequence[str], now: datetime):
+        return (
+            sa.select(executions.c.id, executions.c.recoveries)
+            .where(
+                executions.c.queue.in_(queue_names),
+                executions.c.status == "queued",
+                sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= now),
+            )
+            .order_by(executions.c.priority.desc(), executions.c.created_at, executions.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
+
+    async def claim(self, worker_id: str, queue_names: Sequence[str]) -> Claim | None:
+        """Take the best runnable execution: an expired lease first, else the
+        highest-priority, oldest due queued row. One transaction; fence += 1."""
+        ttl = self.settings.lease_ttl
+        cap = self.settings.max_recoveries
+
+        async def tx(conn: AsyncConnection) -> Claim | None:
+            now = utcnow()
+            while True:
+                recovered = True
+                row = (await conn.execute(self._runnable_expired(queue_names, now))).first()
+                if row is None:
+                    recovered = False
+                    row = (await conn.execute(self._runnable_queued(queue_names, now))).first()
+                if row is None:
+                    return None
+                if recovered and row.recoveries + 1 > cap:
+                    # a poison execution: it has killed its worker too often
+                    await conn.execute(
+                        sa.update(executions)
+                        .where(executions.c.id == row.id)
+                        .values(
+                            status="failed",
+                            error=f"crashed its worker {row.recoveries + 1} times "
+                            f"(cap ORCH_MAX_RECOVERIES={cap})",
+                            lease_until=None,
+                            fence=executions.c.fence + 1,
+                            finished_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    continue
+                claimed = (
+                    (
+                        await conn.execute(
+                            sa.update(executions)
+                            .where(executions.c.id == row.id)
+                            .values(
+                                status="running",
+                                worker_id=worker_id,
+                                lease_until=lease_deadline(now, ttl),
+                                fence=executions.c.fence + 1,
+                                recoveries=executions.c.recoveries + (1 if recovered else 0),
+                                not_before=None,
+                                started_at=sa.func.coalesce(executions.c.started_at, now),
+                                updated_at=now,
+                            )
+                            .returning(*executions.c)
+                        )
+                    )
+                    .mappings()
+                    .one()
+                )
+                ex = Execution.from_row(claimed)
+                return Claim(ex, worker_id, ex.fence, recovered)
+
+        return await self._write(tx)
+
+    async def renew_leases(
+        self, worker_id: str, held: dict[str, int]
+    ) -> tuple[set[str], str | None]:
+        """Extend every lease this worker still holds and heartbeat the worker.
+
+        Returns (ids whose fence moved on, the worker's status in the store).
+        """
+        ttl = self.settings.lease_ttl
+
+        async def tx(conn: AsyncConnection) -> tuple[set[str], str | None]:
+            now = utcnow()
+            kept: set[str] = set()
+            if held:
+                result = await conn.execute(
+                    sa.update(executions)
+                    .where(
+                        executions.c.worker_id == worker_id,
+                        executions.c.status == "running",
+                        executions.c.id.in_(list(held)),
+                    )
+                    .values(lease_until=lease_deadline(now, ttl))
+                    .returning(executions.c.id, executions.c.fence)
+                )
+                kept = {r.id for r in result if held.get(r.id) == r.fence}
+            status = await conn.scalar(
+                sa.update(workers)
+                .where(workers.c.id == worker_id)
+                .values(last_heartbeat=now, running=len(held))
+                .returning(workers.c.status)
+            )
+            return set(held) - kept, status
+
+        return await self._write(tx)
+
+    async def holds_fence(self, execution_id: str, fence: int) -> bool:
+        async def tx(conn: AsyncConnection) -> bool:
+            current = await conn.scalar(
+                sa.select(executions.c.fence).where(
+                    executions.c.id == execution_id, executions.c.status == "running"
+                )
+            )
+            return current == fence
+
+        return await self._read(tx)
+
+    # ---------------------------------------------------------- checkpoints
+
+    async def save_checkpoint(
+        self,
+        *,
+        owner_id: str,
+        fence: int,
+        execution_id: str,
+        key: str,
+        step: int,
+        event: str,
+        state: str | None,
+        snapshot: bytes,
+    ) -> None:
+        """Commit one snapshot, fenced by the owning execution's claim.
+
+        The snapshot row is also the latest pointer (latest = highest id), so a
+        snapshot and its pointer are one insert in one transaction.
+        """
+
+        async def tx(conn: AsyncConnection) -> None:
+            now = utcnow()
+            values: dict[str, Any] = {"updated_at": now}
+            if execution_id == owner_id:
+                values.update(current_state=state, step=step)
+            result = await conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.id == owner_id,
+                    executions.c.fence == fence,
+                    executions.c.status == "running",
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(owner_id, fence)
+            await conn.execute(
+                sa.insert(checkpoints).values(
+                    execution_id=execution_id,
+                    key=key,
+                    step=step,
+                    event=event,
+                    state=state,
+                    snapshot=snapshot,
+                    fence=fence,
+                    created_at=now,
+                )
+            )
+
+        await self._write(tx)
+
+    async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
+        stmt = (
+            sa.select(checkpoints.c.snapshot)
+            .where(checkpoints.c.execution_id == execution_id, checkpoints.c.key == key)
+            .order_by(checkpoints.c.id.desc())
+            .limit(1)
+        )
+
+        async def tx(conn: AsyncConnection) -> bytes | None:
+            return await conn.scalar(stmt)
+
+        return await self._read(tx)
+
+    async def latest_checkpoint(self, execution_id: str) -> tuple[str, bytes] | None:
+        stmt = (
+            sa.select(checkpoints.c.key, checkpoints.c.snapshot)
+            .where(checkpoints.c.execution_id == execution_id)
+            .order_by(checkpoints.c.id.desc())
+            .limit(1)
+        )
+
+        async def tx(conn: AsyncConnection) -> tuple[str, bytes] | None:
+            row = (await conn.execute(stmt)).first()
+            return (row.key, bytes(row.snapshot)) if row else None
+
+        return await self._read(tx)
+
+    async def latest_snapshot_ids(self) -> list[tuple[str, bytes]]:
+        """(execution id, latest snapshot) for every execution with checkpoints."""
+        latest = (
+            sa.select(sa.func.max(checkpoints.c.id).label("id"))
+            .group_by(checkpoints.c.execution_id)
+            .subquery()
+        )
+        stmt = (
+            sa.select(checkpoints.c.execution_id, checkpoints.c.snapshot)
+            .join(latest, latest.c.id == checkpoints.c.id)
+            .order_by(checkpoints.c.execution_id)
+        )
+
+        async def tx(conn: AsyncConnection) -> list[tuple[str, bytes]]:
+            return [(r.execution_id, bytes(r.snapshot)) for r in await conn.execute(stmt)]
+
+        return await self._read(tx)
+
+    async def delete_checkpoints(self, execution_id: str, key: str | None = None) -> None:
+        stmt = sa.delete(checkpoints).where(checkpoints.c.execution_id == execution_id)
+        if key is not None:
+            stmt = stmt.where(checkpoints.c.key == key)
+
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(stmt)
+
+        await self._write(tx)
+
+    # ------------------------------------------------------------- outcome
+
+    async def finish(
+        self,
+        claim: Claim,
+        *,
+        status: str,
+        output: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """Record a final outcome (completed | failed) or park (waiting), fenced."""
+        assert status in ("completed", "failed", "waiting")
+        counter = {"completed": "completed", "failed": "failed"}.get(status)
+
+        async def tx(conn: AsyncConnection) -> None:
+            now = utcnow()
+            values: dict[str, Any] = dict(
+                status=status, output=output, error=error, lease_until=None, updated_at=now
+            )
+            if status != "waiting":
+                values["finished_at"] = now
+            result = await conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.id == claim.execution.id,
+                    executions.c.fence == claim.fence,
+                    executions.c.status == "running",
+                )
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise LeaseLost(claim.execution.id, claim.fence)
+            if counter:
+                col = workers.c[counter]
+                await conn.execute(
+                    sa.update(workers).where(workers.c.id == claim.worker_id).values({col: col + 1})
+                )
+
+        await self._write(tx)
+
+    async def release(self, claim: Claim) -> bool:
+        """Give a running execution back to its queue (drain); it resumes from
+        its last checkpoint on the next claim. False if the lease was lost."""
+
+        async def tx(conn: AsyncConnection) -> bool:
+            now = utcnow()
+            result = await conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.id == claim.execution.id,
+                    executions.c.fence == claim.fence,
+                    executions.c.status == "running",
+                )
+                .values(status="queued", worker_id=None, lease_until=None, updated_at=now)
+            )
+            return result.rowcount == 1
+
+        return await self._write(tx)
+
+    # ------------------------------------------------------------- workers
+
+    async def register_worker(
+        self, worker_id: str, *, host: str, pid: int, queue_names: Iterable[str], concurrency: int
+    ) -> None:
+        now = utcnow()
+        names = sorted(set(queue_names))
+
+        async def tx(conn: AsyncConnection) -> None:
+            for q in names:
+                await conn.execute(
+                    self._insert(queues)
+                    .values(name=q, created_at=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+            await conn.execute(
+                sa.insert(workers).values(
+                    id=worker_id,
+                    host=host,
+                    pid=pid,
+                    queues=names,
+                    concurrency=concurrency,
+                    status="active",
+                    started_at=now,
+                    last_heartbeat=now,
+                    running=0,
+                    completed=0,
+                    failed=0,
+                )
+            )
+
+        await self._write(tx)
+
+    async def set_worker_status(self, worker_id: str, status: str) -> None:
+        assert status in ("active", "draining", "stopped", "lost")
+
+        async def tx(conn: AsyncConnection) -> None:
+            now = utcnow()
+            values: dict[str, Any] = {"status": status, "last_heartbeat": now}
+            if status == "stopped":
+                values.update(stopped_at=now, running=0)
+            await conn.execute(sa.update(workers).where(workers.c.id == worker_id).values(**values))
+
+        await self._write(tx)
+
+    async def list_workers(self, *, include_stopped: bool = True) -> list[WorkerRecord]:
+        stmt = sa.select(workers).order_by(workers.c.started_at.desc())
+        if not include_stopped:
+            stmt = stmt.where(workers.c.status != "stopped")
+
+        async def tx(conn: AsyncConnection) -> list[WorkerRecord]:
+            return [WorkerRecord.from_row(r) for r in (await conn.execute(stmt)).mappings()]
+
+        return await self._read(tx)
+
+    # -------------------------------------------------------------- queues
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: policy, executions per status, live workers serving it."""
+
+        async def tx(conn: AsyncConnection) -> list[dict[str, Any]]:
+            stats: dict[str, dict[str, Any]] = {}
+
+            def entry(name: str) -> dict[str, Any]:
+                return stats.setdefault(
+                    name,
+                    {
+                        "queue": name,
+                        "queued": 0,
+                        "running": 0,
+                        "waiting": 0,
+                        "completed": 0,
+                        "failed": 0,
+                        "cancelled": 0,
+                        "workers": 0,
+                        "min_workers": 0,
+                        "max_workers": 0,
+                        "paused": False,
+                    },
+                )
+
+            for q in (await conn.execute(sa.select(queues))).mappings():
+                e = entry(q["name"])
+                e.update(
+                    min_workers=q["min_workers"],
+                    max_workers=q["max_workers"],
+                    paused=bool(q["paused"]),
+                )
+            counts = sa.select(executions.c.queue, executions.c.status, sa.func.count()).group_by(
+                executions.c.queue, executions.c.status
+            )
+            for name, status, n in await conn.execute(counts):
+                entry(name)[status] = n
+            live = sa.select(workers.c.queues).where(workers.c.status.in_(("active", "draining")))
+            for (names,) in await conn.execute(live):
+                if isinstance(names, str):  # JSON stored as text by some drivers
+                    names = json.loads(names)
+                for name in names:
+                    entry(name)["workers"] += 1
+            return [stats[k] for k in sorted(stats)]
+
+        return await self._read(tx)

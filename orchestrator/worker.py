@@ -1,0 +1,303 @@
+"""The worker: claims executions, keeps their leases alive, runs them.
+
+Its loop is ``machines/worker.yml`` run as a FlatMachine; the actions below
+are that machine's hooks. Executions run as asyncio tasks, up to
+``concurrency`` at once, so a slow execution never blocks the next claim.
+
+Leases are renewed from a thread with its own event loop and connection pool,
+so a hook that blocks the main loop (synchronous I/O) does not cost the lease;
+a stopped process (SIGSTOP, a crash) does, and its executions move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from flatmachines import FlatMachine, HooksRegistry, MachineHooks
+
+import machines
+
+from .clock import renew_interval
+from .runner import Outcome, Runner
+from .settings import Settings
+from .store import Claim, Store
+
+log = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class WorkerOptions:
+    queues: list[str] = field(default_factory=lambda: ["default"])
+    concurrency: int = 1
+    burst: bool = False
+    drain_timeout: float = 30.0  # seconds a drain waits for running executions
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews this worker's leases every ttl/3 and heartbeats the worker row."""
+
+    def __init__(self, worker: Worker):
+        super().__init__(name="lease-keeper", daemon=True)
+        self.worker = worker
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        w = self.worker
+        store = await Store.open(w.settings, migrate=False)
+        interval = renew_interval(w.settings.lease_ttl)
+        try:
+            while not self._stop_event.wait(interval):
+                try:
+                    lost, status = await store.renew_leases(w.id, w.held_leases())
+                except Exception:  # the next tick tries again; the lease has 2 more
+                    log.exception("lease renewal failed")
+                    continue
+                w.on_renewed(lost, status)
+        finally:
+            await store.close()
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        hooks_registry: HooksRegistry,
+        options: WorkerOptions,
+        settings: Settings | None = None,
+    ):
+        self.store = store
+        self.settings = settings or store.settings
+        self.options = options
+        self.id = new_worker_id()
+        self.runner = Runner(store, hooks_registry)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._running: dict[str, tuple[asyncio.Task, Claim]] = {}
+        self._held_lock = threading.Lock()
+        self._held: dict[str, int] = {}
+        self._lost: set[str] = set()
+        self._wake = asyncio.Event()
+        self._drain_requested = False
+        self._hard_stop = False
+        self._keeper: LeaseKeeper | None = None
+        self.completed = 0
+        self.failed = 0
+
+    # ------------------------------------------------------------ public
+
+    async def run(self) -> dict[str, Any]:
+        """Run the worker loop machine until it shuts down; returns its output."""
+        self._loop = asyncio.get_running_loop()
+        self._install_signal_handlers()
+        registry = HooksRegistry()
+        registry.register("orch-worker", lambda: WorkerHooks(self))
+        loop_machine = FlatMachine(
+            config_file=str(machines.path("worker")), hooks_registry=registry
+        )
+        try:
+            return await loop_machine.execute(max_steps=2**62)
+        finally:
+            self._remove_signal_handlers()
+            await self._stop_everything()
+
+    def request_drain(self) -> None:
+        """Claim nothing more; finish (or release) what runs, then exit."""
+        if self._drain_requested:
+            self._hard_stop = True  # a second signal: release now, do not wait
+        self._drain_requested = True
+        self._wake.set()
+
+    # ---------------------------------------------- shared with the keeper
+
+    def held_leases(self) -> dict[str, int]:
+        with self._held_lock:
+            return dict(self._held)
+
+    def on_renewed(self, lost: set[str], status: str | None) -> None:
+        """Called from the keeper thread after each renewal."""
+        assert self._loop is not None
+        if lost:
+            self._loop.call_soon_threadsafe(self._abandon, lost)
+        if status == "draining":
+            self._loop.call_soon_threadsafe(self.request_drain)
+
+    # ----------------------------------------------------------- actions
+
+    async def register(self) -> None:
+        await self.store.register_worker(
+            self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queue_names=self.options.queues,
+            concurrency=self.options.concurrency,
+        )
+        self._keeper = LeaseKeeper(self)
+        self._keeper.start()
+        log.info(
+            "worker %s serving %s with concurrency %d",
+            self.id,
+            ",".join(self.options.queues),
+            self.options.concurrency,
+        )
+
+    async def claim(self) -> int:
+        claimed = 0
+        while not self._drain_requested and len(self._running) < self.options.concurrency:
+            claim = await self.store.claim(self.id, self.options.queues)
+            if claim is None:
+                break
+            claimed += 1
+            self._start(claim)
+        return claimed
+
+    async def wait_and_check(self, claimed: int) -> bool:
+        """Wait for something to do. True when a --burst worker is finished."""
+        if self._drain_requested:
+            return False
+        free = len(self._running) < self.options.concurrency
+        if free and claimed:
+            return False  # the claim loop stopped only because slots filled or it drained
+        if self.options.burst and free and not claimed and not self._running:
+            return True
+        self._wake.clear()
+        timeout = None if not free else self.settings.poll_interval
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        return False
+
+    async def drain(self) -> None:
+        log.info("worker %s draining: %d running", self.id, len(self._running))
+        await self.store.set_worker_status(self.id, "draining")
+        deadline = self._loop.time() + self.options.drain_timeout if self._loop else 0
+        while self._running and not self._hard_stop:
+            self._wake.clear()
+            remaining = deadline - self._loop.time() if self._loop else 0
+            if remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                break
+        await self._release_all()
+
+    async def shutdown(self) -> None:
+        await self._stop_everything()
+        log.info("worker %s stopped: %d completed, %d failed", self.id, self.completed, self.failed)
+
+    # --------------------------------------------------------- internals
+
+    def _start(self, claim: Claim) -> None:
+        ex = claim.execution
+        with self._held_lock:
+            self._held[ex.id] = claim.fence
+        task = asyncio.create_task(self._execute(claim), name=f"execution:{ex.id}")
+        self._running[ex.id] = (task, claim)
+        log.info(
+            "claimed %s (%s, fence %d%s)",
+            ex.id,
+            ex.machine,
+            claim.fence,
+            ", recovered" if claim.recovered else "",
+        )
+
+    async def _execute(self, claim: Claim) -> None:
+        ex_id = claim.execution.id
+        try:
+            outcome: Outcome = await self.runner.run(claim)
+            if outcome.status == "completed":
+                self.completed += 1
+            elif outcome.status == "failed":
+                self.failed += 1
+            log.info("%s %s", outcome.status, ex_id)
+        except asyncio.CancelledError:
+            if ex_id not in self._lost:
+                # stopped by a drain: give it back; it resumes from its last checkpoint
+                await asyncio.shield(self.store.release(claim))
+                log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
+        except Exception:
+            log.exception("worker error while running %s", ex_id)
+        finally:
+            with self._held_lock:
+                self._held.pop(ex_id, None)
+            self._running.pop(ex_id, None)
+            self._lost.discard(ex_id)
+            self._wake.set()
+
+    def _abandon(self, lost: set[str]) -> None:
+        for ex_id in lost:
+            entry = self._running.get(ex_id)
+            if entry is None:
+                continue
+            log.warning("lease lost on %s: abandoning it", ex_id)
+            self._lost.add(ex_id)
+            entry[0].cancel()
+
+    async def _release_all(self) -> None:
+        tasks = [t for t, _ in self._running.values()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stop_everything(self) -> None:
+        await self._release_all()
+        if self._keeper is not None:
+            self._keeper.stop()
+            await asyncio.to_thread(self._keeper.join)
+            self._keeper = None
+            await self.store.set_worker_status(self.id, "stopped")
+
+    def _install_signal_handlers(self) -> None:
+        assert self._loop is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self.request_drain)
+
+    def _remove_signal_handlers(self) -> None:
+        assert self._loop is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.remove_signal_handler(sig)
+
+
+class WorkerHooks(MachineHooks):
+    """The worker machine's actions, bound to one Worker."""
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    async def on_action(self, state_name: str, action_name: str, context: dict[str, Any]):
+        w = self.worker
+        if action_name == "register":
+            await w.register()
+        elif action_name == "claim":
+            context["claimed"] = await w.claim()
+        elif action_name == "wait_and_check":
+            context["finished"] = await w.wait_and_check(context.get("claimed", 0))
+        elif action_name == "drain":
+            await w.drain()
+        elif action_name == "shutdown":
+            await w.shutdown()
+            context["completed"] = w.completed
+            context["failed"] = w.failed
+        else:
+            raise ValueError(f"worker machine names unknown action '{action_name}'")
+        context["draining"] = w._drain_requested
+        return context

@@ -1,0 +1,63 @@
+"""Hooks the tests run inside real `orch worker` processes (--app testapp).
+
+Side effects go to the file named by ORCH_TEST_EFFECTS, one line per action run:
+"<execution id> <state> <idempotency key> <pid>", appended atomically, so a test
+counts from outside how often each state really ran.
+"""
+
+import asyncio
+import os
+import signal
+
+from flatmachines import HooksRegistry, MachineHooks
+
+from orchestrator import idempotency_key
+
+
+def record(context, state_name):
+    path = os.environ.get("ORCH_TEST_EFFECTS")
+    if not path:
+        return
+    ex_id = context["machine"]["execution_id"]
+    line = f"{ex_id} {state_name} {idempotency_key(context)} {os.getpid()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EffectsHooks(MachineHooks):
+    """`add` adds 1 to context.acc; `slow_add` sleeps context.sleep seconds first.
+
+    If context.crash_after names a state, the process SIGKILLs itself right after
+    that state's state_exit checkpoint, once (a marker file beside the effects
+    file remembers it happened).
+    """
+
+    async def on_action(self, state_name, action_name, context):
+        record(context, state_name)
+        if action_name == "slow_add":
+            await asyncio.sleep(float(context.get("sleep") or 1))
+        elif action_name == "sync_sleep":
+            import time
+
+            time.sleep(float(context.get("sleep") or 1))
+        elif action_name == "fail":
+            raise RuntimeError("the workflow failed on purpose")
+        context["acc"] = int(context.get("acc") or 0) + 1
+        context["by"] = os.getpid()
+        return context
+
+    def on_state_exit(self, state_name, context, output):
+        if context.get("crash_after") == state_name:
+            marker = os.environ["ORCH_TEST_EFFECTS"] + f".crashed-{state_name}"
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return output
+
+
+hooks_registry = HooksRegistry()
+hooks_registry.register("effects", EffectsHooks)
