@@ -7,6 +7,12 @@ Listing commands take --json and then print JSON only on stdout.
 
 from __future__ import annotations
 
+import os
+
+# flatmachines logs every machine it builds at INFO on stdout; a worker builds
+# one per execution. Keep the library at WARNING unless the user asks otherwise.
+os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
+
 import asyncio
 import json
 import logging
@@ -21,6 +27,7 @@ from pydantic import ValidationError
 
 from .client import Client, WaitTimeout
 from .errors import UserError
+from .machine_config import load_machine_file
 from .settings import Settings
 from .store import Execution, Store
 
@@ -187,6 +194,9 @@ def submit(
 
     async def body() -> int:
         inputs, batch = read_inputs(input_json, input_file)
+        # check the machine before opening the store: bad input writes nothing,
+        # not even a new SQLite file or a schema
+        config = load_machine_file(machine)
         async with await Client.open(settings) as client:
             if batch:
                 ids = (
@@ -195,12 +205,12 @@ def submit(
                     else None
                 )
                 submitted = await _submit_with_progress(
-                    client, machine, inputs, ids, queue, priority, delay, as_json
+                    client, config, inputs, ids, queue, priority, delay, as_json
                 )
             else:
                 submitted = [
                     await client.submit(
-                        machine,
+                        config,
                         inputs[0],
                         id=execution_id,
                         queue=queue,

@@ -72,6 +72,13 @@ def _check_structure(config: Any, where: str) -> None:
     states = data.get("states")
     if not isinstance(states, dict) or not states:
         raise UserError(f"{where}: field 'data.states' must map state names to states")
+    # before the schema check, which would only say 'backend' is missing
+    persistence = data.get("persistence") or {}
+    if isinstance(persistence, dict) and persistence.get("enabled", True) is False:
+        raise UserError(
+            f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
+            "execution could not resume after a crash; remove it to run under the orchestrator"
+        )
     errors = validate_flatmachine_config(config, warn=False, strict=False)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -93,12 +100,6 @@ def _check_structure(config: Any, where: str) -> None:
                 raise UserError(
                     f"{where}: field 'data.states.{name}.on_error' names unknown state {target!r}"
                 )
-    persistence = data.get("persistence") or {}
-    if isinstance(persistence, dict) and persistence.get("enabled", True) is False:
-        raise UserError(
-            f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
-            "execution could not resume after a crash; remove it to run under the orchestrator"
-        )
 
 
 def load_machine_file(path: str | Path) -> MachineConfig:

@@ -6,7 +6,8 @@ latest checkpoint is a state's ``state_exit`` it takes the transition itself
 and hands the machine a snapshot that starts at the next state (or finishes
 the machine), so a state whose exit committed never runs again. It also
 treats a lone ``machine_start`` as "not started" (the library would try to run
-a state called 'start').
+a state called 'start'), and keeps the step number of a state that runs again
+(the library would count it one higher, changing its idempotency key).
 """
 
 from __future__ import annotations
@@ -112,8 +113,11 @@ class Runner:
         elif snapshot.event == "state_exit":
             result = await _continue_after_exit(machine, persistence, snapshot)
         else:
-            # the state in flight when the last owner stopped runs again (at least once)
-            result = await machine.execute(resume_from=ex.id, max_steps=MAX_STEPS)
+            # The state in flight when the last owner stopped runs again (at least
+            # once). The library would number that run step + 1; keep its step so
+            # both runs share one idempotency key.
+            rerun = dataclasses.replace(snapshot, step=snapshot.step - 1)
+            result = await _resume(machine, persistence, rerun)
 
         if isinstance(result, dict) and result.get("_waiting"):
             return Outcome("waiting", output={"channel": result.get("_channel")})
@@ -154,9 +158,15 @@ async def _continue_after_exit(
         return await _end(
             machine, dataclasses.replace(snapshot, context=context, output={}), already_saved=False
         )
-    advanced = dataclasses.replace(
-        snapshot, current_state=next_state, context=context, event="resume"
-    )
+    advanced = dataclasses.replace(snapshot, current_state=next_state, context=context)
+    return await _resume(machine, persistence, advanced)
+
+
+async def _resume(
+    machine: FlatMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
+) -> Any:
+    """execute(resume_from=) from ``snapshot``, handed over in memory, never written:
+    the machine's next checkpoint is the first new record."""
     key = f"{snapshot.execution_id}/step_{snapshot.step:06d}_resume.json"
-    persistence.resume_snapshot = (key, json.dumps(dataclasses.asdict(advanced)).encode("utf-8"))
+    persistence.resume_snapshot = (key, json.dumps(dataclasses.asdict(snapshot)).encode("utf-8"))
     return await machine.execute(resume_from=snapshot.execution_id, max_steps=MAX_STEPS)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, MachineHooks
+from sqlalchemy.exc import DBAPIError
 
 import machines
 
@@ -119,10 +120,13 @@ class Worker:
 
     def request_drain(self) -> None:
         """Claim nothing more; finish (or release) what runs, then exit."""
-        if self._drain_requested:
-            self._hard_stop = True  # a second signal: release now, do not wait
         self._drain_requested = True
         self._wake.set()
+
+    def _on_stop_signal(self) -> None:
+        if self._drain_requested:
+            self._hard_stop = True  # a second signal: release now, do not wait
+        self.request_drain()
 
     # ---------------------------------------------- shared with the keeper
 
@@ -160,7 +164,12 @@ class Worker:
     async def claim(self) -> int:
         claimed = 0
         while not self._drain_requested and len(self._running) < self.options.concurrency:
-            claim = await self.store.claim(self.id, self.options.queues)
+            try:
+                claim = await self.store.claim(self.id, self.options.queues)
+            except DBAPIError as exc:
+                # the store is unreachable: keep what runs, try again next poll
+                log.warning("claim failed, retrying: %s", str(exc.orig or exc).splitlines()[0])
+                break
             if claim is None:
                 break
             claimed += 1
@@ -269,7 +278,7 @@ class Worker:
     def _install_signal_handlers(self) -> None:
         assert self._loop is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._loop.add_signal_handler(sig, self.request_drain)
+            self._loop.add_signal_handler(sig, self._on_stop_signal)
 
     def _remove_signal_handlers(self) -> None:
         assert self._loop is not None

@@ -50,6 +50,8 @@ def db_url(request, tmp_path) -> Iterator[str]:
         return
     problem = _pg_reachable()
     if problem:
+        if os.environ.get("ORCH_TEST_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL required but not reachable at {PG_URL}: {problem}")
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {problem}")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(_pg_dsn(), autocommit=True) as conn:
@@ -212,7 +214,11 @@ def chain_machine(
     for i, action in enumerate(actions, 1):
         nxt = f"s{i + 1}" if i < len(actions) else "done"
         states[f"s{i}"] = {"hooks": "effects", "action": action, "transitions": [{"to": nxt}]}
-    states["done"] = {"type": "final", "output": {"acc": "context.acc", "by": "context.by"}}
+    states["done"] = {
+        "type": "final",
+        "hooks": "effects",
+        "output": {"acc": "context.acc", "by": "context.by"},
+    }
     data: dict = {
         "name": name,
         "context": {

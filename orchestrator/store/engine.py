@@ -223,7 +223,9 @@ def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> No
 
 def check_sqlite_writable(path: Path) -> None:
     if path.exists():
-        if not os.access(path, os.W_OK):
+        # os.access alone says yes to root for any file; a file with no write
+        # bit at all was made read-only on purpose, so honour that for root too
+        if not os.access(path, os.W_OK) or not path.stat().st_mode & 0o222:
             raise UserError(
                 f"SQLite file {path} is read-only; make it writable or pass another --db"
             )

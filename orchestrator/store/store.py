@@ -473,7 +473,11 @@ class Store:
             now = utcnow()
             values: dict[str, Any] = {"updated_at": now}
             if execution_id == owner_id:
-                values.update(current_state=state, step=step)
+                values["step"] = step
+                # machine_start/machine_end name pseudo-states ('start', 'end');
+                # keep the last real state for `orch show`
+                if event not in ("machine_start", "machine_end"):
+                    values["current_state"] = state
             result = await conn.execute(
                 sa.update(executions)
                 .where(

@@ -1,0 +1,235 @@
+"""Real `orch worker` processes against the real store: claims, crashes, fences, drains.
+
+Side effects are counted from the effects file the test hooks append to
+(tests/apps/testapp.py), and ownership is read from the store, never from logs.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.clock import utcnow
+from orchestrator.settings import Settings
+from orchestrator.store import Store
+
+from .conftest import chain_machine, run_async, wait_until
+
+TTL = "2"  # seconds: short leases so a crash is recovered quickly
+
+
+@pytest.fixture
+def effects(tmp_path) -> Path:
+    return tmp_path / "effects.log"
+
+
+def submit(db_url: str, machine: Path, inputs: list[dict], **kw) -> list[str]:
+    async def go():
+        async with await Client.open(Settings(database_url=db_url)) as client:
+            return [s.execution.id for s in await client.submit_many(machine, inputs, **kw)]
+
+    return run_async(go())
+
+
+def effect_lines(effects: Path) -> list[tuple[str, str, str, int]]:
+    if not effects.exists():
+        return []
+    out = []
+    for line in effects.read_text().splitlines():
+        ex_id, state, key, pid = line.split()
+        out.append((ex_id, state, key, int(pid)))
+    return out
+
+
+def runs_per_state(effects: Path, ex_id: str) -> Counter:
+    return Counter(state for e, state, _, _ in effect_lines(effects) if e == ex_id)
+
+
+def get(store: Store, ex_id: str):
+    return run_async(store.get(ex_id))
+
+
+def lease_expired(store: Store, ex_id: str) -> bool:
+    ex = get(store, ex_id)
+    return ex.lease_until is not None and ex.lease_until < utcnow()
+
+
+def worker_env(effects: Path) -> dict[str, str]:
+    return {"ORCH_TEST_EFFECTS": str(effects), "ORCH_LEASE_TTL": TTL}
+
+
+def test_claim_is_exclusive_across_four_worker_processes(db_url, store, tmp_path, effects, workers):
+    machine = chain_machine(
+        tmp_path / "one.yml", ["add"], checkpoint_on=["state_exit", "machine_end"]
+    )
+    ids = submit(db_url, machine, [{"i": i} for i in range(400)])
+    procs = [
+        workers(db_url, "--app", "testapp", "--burst", "--concurrency", "4", **worker_env(effects))
+        for _ in range(4)
+    ]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0, 0, 0]
+
+    rows = {ex.id: ex for ex in run_async(store.list_executions(limit=1000))}
+    assert set(rows) == set(ids)
+    assert {ex.status for ex in rows.values()} == {"completed"}
+    # fence 1: each execution was claimed exactly once, by one worker
+    assert {ex.fence for ex in rows.values()} == {1}
+    assert {ex.recoveries for ex in rows.values()} == {0}
+    assert {ex.output["acc"] for ex in rows.values()} == {1}
+    # the one action ran once per execution, and each ran to machine_end once
+    assert Counter(e for e, _, _, _ in effect_lines(effects)) == Counter({i: 1 for i in ids})
+    for ex_id in ids[:20]:
+        events = [h.event for h in run_async(store.history(ex_id))]
+        assert events.count("machine_end") == 1
+    done = sum(w.completed for w in run_async(store.list_workers()))
+    assert done == 400
+
+
+def test_sigkill_in_slow_state_resumes_on_another_worker(db_url, store, tmp_path, effects, workers):
+    machine = chain_machine(tmp_path / "slow.yml", ["add", "slow_add", "add"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 2}])
+    first = workers(db_url, "--app", "testapp", **worker_env(effects))
+    wait_until(
+        lambda: get(store, ex_id).current_state == "s2" and runs_per_state(effects, ex_id)["s2"],
+        what="first worker inside the slow state",
+    )
+    first.signal(signal.SIGKILL)
+    first.wait()
+    wait_until(lambda: lease_expired(store, ex_id), what="lease expiry")
+    second = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert second.wait() == 0
+
+    ex = get(store, ex_id)
+    assert ex.status == "completed"
+    assert ex.output == {"acc": 3, "by": second.pid}
+    assert ex.recoveries == 1 and ex.fence == 2
+    # s1 committed its state_exit before the crash: never again. s2 was in flight: twice.
+    assert runs_per_state(effects, ex_id) == Counter({"s1": 1, "s2": 2, "s3": 1})
+    s2_keys = {key for e, state, key, _ in effect_lines(effects) if state == "s2"}
+    assert len(s2_keys) == 1, "both runs of the in-flight state see one idempotency key"
+
+
+def test_state_whose_exit_committed_is_not_run_again_on_resume(
+    db_url, store, tmp_path, effects, workers
+):
+    """flatmachines alone would run s2 again here (output acc 4): we must not."""
+    machine = chain_machine(tmp_path / "m.yml", ["add", "add", "add"])
+    [ex_id] = submit(db_url, machine, [{"crash_after": "s2"}])
+    first = workers(db_url, "--app", "testapp", **worker_env(effects))
+    assert first.wait() == -signal.SIGKILL  # killed itself right after s2's state_exit
+    history = run_async(store.history(ex_id))
+    assert (history[-1].event, history[-1].state) == ("state_exit", "s2")
+
+    wait_until(lambda: lease_expired(store, ex_id), what="lease expiry")
+    second = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert second.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.output["acc"] == 3
+    assert runs_per_state(effects, ex_id) == Counter({"s1": 1, "s2": 1, "s3": 1})
+    events = [(h.event, h.state) for h in run_async(store.history(ex_id))]
+    after_crash = events[len(history) :]
+    assert after_crash[0] == ("state_enter", "s3")
+
+
+def test_paused_worker_loses_its_lease_and_the_new_owner_wins(
+    db_url, store, tmp_path, effects, workers
+):
+    machine = chain_machine(tmp_path / "slow.yml", ["add", "slow_add", "add"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 3}])
+    zombie = workers(db_url, "--app", "testapp", **worker_env(effects))
+    wait_until(lambda: runs_per_state(effects, ex_id)["s2"], what="zombie inside the slow state")
+    zombie.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: lease_expired(store, ex_id), what="lease expiry")
+        owner = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+        wait_until(lambda: get(store, ex_id).fence == 2, what="new owner's claim")
+    finally:
+        zombie.signal(signal.SIGCONT)  # wakes with its sleep over and a stale fence
+    assert owner.wait() == 0
+    wait_until(lambda: "lease lost" in zombie.log(), what="zombie noticing the lost lease")
+
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.output == {"acc": 3, "by": owner.pid}
+    history = run_async(store.history(ex_id))
+    # nothing the zombie wrote landed after the new owner took over
+    events = [(h.event, h.state) for h in history]
+    assert events.count(("state_exit", "s2")) == 1
+    s3_by = {pid for e, state, _, pid in effect_lines(effects) if state == "s3"}
+    assert s3_by == {owner.pid}
+    zombie.signal(signal.SIGTERM)
+    assert zombie.wait() == 0
+
+
+def test_sigterm_drains_running_executions_and_claims_nothing_more(
+    db_url, store, tmp_path, effects, workers
+):
+    machine = chain_machine(tmp_path / "slow.yml", ["slow_add"])
+    ids = submit(db_url, machine, [{"sleep": 2}] * 3)
+    w = workers(db_url, "--app", "testapp", "--concurrency", "2", **worker_env(effects))
+    wait_until(lambda: len(effect_lines(effects)) == 2, what="two executions running")
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 0
+
+    statuses = Counter(get(store, i).status for i in ids)
+    assert statuses == Counter({"completed": 2, "queued": 1})
+    [left] = [i for i in ids if get(store, i).status == "queued"]
+    assert get(store, left).fence == 0  # never claimed
+    [record] = run_async(store.list_workers())
+    assert record.status == "stopped" and record.completed == 2
+
+
+def test_drain_timeout_releases_work_which_resumes_from_its_checkpoint(
+    db_url, store, tmp_path, effects, workers
+):
+    machine = chain_machine(tmp_path / "slow.yml", ["add", "slow_add", "add"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 4}])
+    w = workers(db_url, "--app", "testapp", "--drain-timeout", "0", **worker_env(effects))
+    wait_until(lambda: runs_per_state(effects, ex_id)["s2"], what="worker inside the slow state")
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "queued" and ex.worker_id is None and ex.lease_until is None
+
+    finisher = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert finisher.wait(timeout=120) == 0
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.output["acc"] == 3
+    assert runs_per_state(effects, ex_id) == Counter({"s1": 1, "s2": 2, "s3": 1})
+
+
+def test_execution_runs_the_config_it_was_submitted_with(db_url, store, tmp_path, effects, workers):
+    path = tmp_path / "pinned.yml"
+    chain_machine(path, ["add"])
+    [ex_id] = submit(db_url, path, [{}])
+    chain_machine(path, ["add", "add", "add", "add"])  # edited on disk after submit
+    w = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert w.wait() == 0
+    assert get(store, ex_id).output["acc"] == 1
+
+
+def test_missing_hooks_fail_with_the_fix_named(db_url, store, tmp_path, workers):
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    [ex_id] = submit(db_url, machine, [{}])
+    w = workers(db_url, "--burst")  # no --app
+    assert w.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "failed"
+    assert "effects" in ex.error and "--app" in ex.error
+
+
+def test_blocking_hook_longer_than_ttl_keeps_its_lease(db_url, store, tmp_path, effects, workers):
+    machine = chain_machine(tmp_path / "m.yml", ["sync_sleep"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 5}])
+    runner = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    wait_until(lambda: effect_lines(effects), what="blocking state started")
+    rival = workers(db_url, "--app", "testapp", **worker_env(effects))
+    assert runner.wait() == 0
+    rival.signal(signal.SIGTERM)
+    assert rival.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.fence == 1 and ex.recoveries == 0
+    assert len(effect_lines(effects)) == 1
