@@ -152,7 +152,7 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("flatmachines", "flatagents", "alembic", "aiosqlite", "httpx"):
+        for noisy in ("flatmachines", "flatagents", "alembic", "httpx"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -17,6 +17,11 @@ from .store import Claim, Store
 
 LATEST = "latest"
 
+# Checkpoints taken before a state runs: progress markers for the timeline. If
+# one is lost in a power cut, resume starts from the state_exit before it and
+# runs the same state again, exactly as it would from the marker.
+PROGRESS_EVENTS = frozenset({"machine_start", "state_enter", "execute"})
+
 
 def split_key(key: str) -> tuple[str, str]:
     """'<execution id>/<name>' -> (execution id, name)."""
@@ -58,15 +63,17 @@ class FencedPersistence(PersistenceBackend):
                 raise ValueError(f"latest pointer names a missing snapshot: {target}")
             value, key = snapshot, target
         meta = json.loads(value)
+        event = str(meta.get("event") or "unknown")
         await self.store.save_checkpoint(
             owner_id=self.owner_id,
             fence=self.claim.fence,
             execution_id=execution_id,
             key=key,
             step=int(meta.get("step") or 0),
-            event=str(meta.get("event") or "unknown"),
+            event=event,
             state=meta.get("current_state"),
             snapshot=bytes(value),
+            durable=event not in PROGRESS_EVENTS,
         )
         self._last_saved[execution_id] = key
         if execution_id == self.owner_id:

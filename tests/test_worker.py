@@ -58,8 +58,8 @@ def lease_expired(store: Store, ex_id: str) -> bool:
     return ex.lease_until is not None and ex.lease_until < utcnow()
 
 
-def worker_env(effects: Path) -> dict[str, str]:
-    return {"ORCH_TEST_EFFECTS": str(effects), "ORCH_LEASE_TTL": TTL}
+def worker_env(effects: Path, ttl: str = TTL) -> dict[str, str]:
+    return {"ORCH_TEST_EFFECTS": str(effects), "ORCH_LEASE_TTL": ttl}
 
 
 def test_claim_is_exclusive_across_four_worker_processes(db_url, store, tmp_path, effects, workers):
@@ -67,8 +67,12 @@ def test_claim_is_exclusive_across_four_worker_processes(db_url, store, tmp_path
         tmp_path / "one.yml", ["add"], checkpoint_on=["state_exit", "machine_end"]
     )
     ids = submit(db_url, machine, [{"i": i} for i in range(400)])
+    # The default 30 s lease: this is about claims, not recovery. (With a 2 s lease,
+    # 16 writers on one SQLite file can starve a renewal past its lease; the
+    # execution then moves, correctly, to another worker with fence 2.)
+    env = worker_env(effects, ttl="30")
     procs = [
-        workers(db_url, "--app", "testapp", "--burst", "--concurrency", "4", **worker_env(effects))
+        workers(db_url, "--app", "testapp", "--burst", "--concurrency", "4", **env)
         for _ in range(4)
     ]
     assert [p.wait(timeout=600) for p in procs] == [0, 0, 0, 0]

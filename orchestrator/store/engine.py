@@ -8,12 +8,12 @@ PostgreSQL: psycopg 3, pooled connections with pre-ping.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,7 +24,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..errors import UserError
 
@@ -54,12 +53,6 @@ def parse_url(raw: str) -> URL:
 
 def masked(url: URL) -> str:
     return url.render_as_string(hide_password=True)
-
-
-def async_url(url: URL) -> URL:
-    if url.get_backend_name() == "sqlite":
-        return url.set(drivername="sqlite+aiosqlite")
-    return url.set(drivername="postgresql+psycopg")
 
 
 def sync_url(url: URL) -> URL:
@@ -97,26 +90,22 @@ def _install_sqlite_pragmas(sync_engine: sa.Engine, synchronous: str, busy_ms: i
             conn.exec_driver_sql("BEGIN")
 
 
-def create_engine(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> AsyncEngine:
-    if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(async_url(url), pool_size=8, max_overflow=8)
-        _install_sqlite_pragmas(engine.sync_engine, synchronous, busy_ms)
-        return engine
-    return create_async_engine(
-        async_url(url),
-        pool_pre_ping=True,
-        pool_size=8,
-        max_overflow=8,
-        pool_recycle=1800,
+POOL_SIZE = 8  # also the number of store threads per process
+
+
+def create_engine(
+    url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000, pooled: bool = True
+) -> sa.Engine:
+    """A pooled engine. The store runs each transaction whole on a thread of its
+    own: one thread hop per transaction, where an async driver costs several."""
+    pool: dict = (
+        {"pool_size": POOL_SIZE, "max_overflow": 0} if pooled else {"poolclass": sa.pool.NullPool}
     )
-
-
-def create_sync_engine(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> sa.Engine:
     if url.get_backend_name() == "sqlite":
-        engine = sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+        engine = sa.create_engine(sync_url(url), connect_args={"check_same_thread": False}, **pool)
         _install_sqlite_pragmas(engine, synchronous, busy_ms)
         return engine
-    return sa.create_engine(sync_url(url), poolclass=sa.pool.NullPool)
+    return sa.create_engine(sync_url(url), pool_pre_ping=True, pool_recycle=1800, **pool)
 
 
 def _is_transient(exc: DBAPIError) -> bool:
@@ -142,9 +131,9 @@ def is_readonly_error(exc: BaseException) -> bool:
     return "readonly database" in str(exc).lower() or "read-only" in str(exc).lower()
 
 
-async def run_transaction(
-    engine: AsyncEngine,
-    fn: Callable[[AsyncConnection], Awaitable[T]],
+def run_transaction(
+    engine: sa.Engine,
+    fn: Callable[[sa.Connection], T],
     *,
     write: bool,
     attempts: int = 30,
@@ -156,11 +145,11 @@ async def run_transaction(
     delay = 0.005
     for attempt in range(1, attempts + 1):
         try:
-            async with engine.connect() as conn:
+            with engine.connect() as conn:
                 if write:
-                    await conn.execution_options(orch_write=True)
-                async with conn.begin():
-                    return await fn(conn)
+                    conn = conn.execution_options(orch_write=True)
+                with conn.begin():
+                    return fn(conn)
         except OperationalError as exc:
             if is_readonly_error(exc):
                 raise UserError(
@@ -172,7 +161,7 @@ async def run_transaction(
             if attempt == attempts or not _is_transient(exc):
                 raise
         log.debug("transient database error, retry %d", attempt)
-        await asyncio.sleep(delay * (0.5 + random.random()))
+        time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.5)
     raise AssertionError("unreachable")
 
@@ -202,7 +191,7 @@ def current_revision(conn: sa.Connection) -> str | None:
 
 def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> None:
     """Apply migrations up to head; safe to run from several processes at once."""
-    engine = create_sync_engine(url, synchronous=synchronous, busy_ms=busy_ms)
+    engine = create_engine(url, synchronous=synchronous, busy_ms=busy_ms, pooled=False)
     try:
         with engine.connect() as conn:
             conn = conn.execution_options(orch_write=True)

@@ -7,15 +7,16 @@ caller's fence) and ``finish`` / ``release`` (likewise fenced).
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ..clock import lease_deadline, utcnow
 from ..errors import LeaseLost, UserError
@@ -112,14 +113,31 @@ class WorkerRecord:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
-class Store:
-    """The shared store: one engine, every query."""
+T = TypeVar("T")
 
-    def __init__(self, engine: AsyncEngine, url: sa.URL, settings: Settings):
-        self.engine = engine
+
+class Store:
+    """The shared store: one engine, every query.
+
+    The API is async; each transaction runs whole, synchronously, on one of the
+    store's threads (one hop per transaction instead of one per statement).
+    """
+
+    def __init__(self, url: sa.URL, settings: Settings):
         self.url = url
+        busy = settings.sqlite_busy_timeout_ms
+        self.engine = eng.create_engine(url, synchronous=settings.sqlite_synchronous, busy_ms=busy)
+        # Progress markers (a checkpoint that is not a durability point) commit
+        # without waiting for the disk. The next durable commit flushes the log
+        # up to and including them, so nothing durable ever depends on them.
+        self.progress_engine = (
+            eng.create_engine(url, synchronous="OFF", busy_ms=busy)
+            if url.get_backend_name() == "sqlite"
+            else self.engine
+        )
         self.settings = settings
         self.dialect = url.get_backend_name()
+        self._threads = ThreadPoolExecutor(eng.POOL_SIZE, thread_name_prefix="store")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,47 +149,53 @@ class Store:
         path = eng.sqlite_path(url)
         if path is not None:
             eng.check_sqlite_writable(path)
-        engine = eng.create_engine(
-            url, synchronous=settings.sqlite_synchronous, busy_ms=settings.sqlite_busy_timeout_ms
-        )
-        store = cls(engine, url, settings)
+        store = cls(url, settings)
         try:
             with eng.translate_connect_errors(url):
-                if not await store._schema_is_current():
+                if not await store._read(lambda conn: eng.current_revision(conn)) == (
+                    eng.head_revision()
+                ):
                     if not migrate:
                         raise UserError(
                             f"{eng.masked(url)} has no current schema: run `orch db upgrade`"
                         )
                     await store.upgrade()
         except BaseException:
-            await engine.dispose()
+            await store.close()
             raise
         return store
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        def dispose() -> None:
+            self.engine.dispose()
+            self.progress_engine.dispose()
 
-    async def _schema_is_current(self) -> bool:
-        async with self.engine.connect() as conn:
-            rev = await conn.run_sync(eng.current_revision)
-            await conn.rollback()
-        return rev == eng.head_revision()
+        await asyncio.get_running_loop().run_in_executor(self._threads, dispose)
+        self._threads.shutdown(wait=True)
 
     async def upgrade(self) -> None:
-        import asyncio
-
-        await asyncio.to_thread(
-            eng.upgrade,
-            self.url,
-            synchronous=self.settings.sqlite_synchronous,
-            busy_ms=self.settings.sqlite_busy_timeout_ms,
+        await asyncio.get_running_loop().run_in_executor(
+            self._threads,
+            lambda: eng.upgrade(
+                self.url,
+                synchronous=self.settings.sqlite_synchronous,
+                busy_ms=self.settings.sqlite_busy_timeout_ms,
+            ),
         )
 
-    async def _write(self, fn):
-        return await eng.run_transaction(self.engine, fn, write=True)
+    async def _run(
+        self, fn: Callable[[sa.Connection], T], *, write: bool, durable: bool = True
+    ) -> T:
+        engine = self.engine if durable else self.progress_engine
+        return await asyncio.get_running_loop().run_in_executor(
+            self._threads, lambda: eng.run_transaction(engine, fn, write=write)
+        )
 
-    async def _read(self, fn):
-        return await eng.run_transaction(self.engine, fn, write=False)
+    async def _write(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await self._run(fn, write=True)
+
+    async def _read(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await self._run(fn, write=False)
 
     def _insert(self, table: sa.Table):
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
@@ -185,22 +209,22 @@ class Store:
             .on_conflict_do_nothing(index_elements=["hash"])
         )
 
-        async def tx(conn: AsyncConnection) -> None:
-            await conn.execute(stmt)
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(stmt)
 
         await self._write(tx)
         return config_hash
 
     async def get_config(self, config_hash: str) -> str | None:
-        async def tx(conn: AsyncConnection) -> str | None:
-            return await conn.scalar(sa.select(configs.c.raw).where(configs.c.hash == config_hash))
+        def tx(conn: sa.Connection) -> str | None:
+            return conn.scalar(sa.select(configs.c.raw).where(configs.c.hash == config_hash))
 
         return await self._read(tx)
 
     async def delete_config(self, config_hash: str) -> None:
-        async def tx(conn: AsyncConnection) -> None:
+        def tx(conn: sa.Connection) -> None:
             in_use = sa.select(executions.c.id).where(executions.c.config_hash == config_hash)
-            await conn.execute(
+            conn.execute(
                 sa.delete(configs).where(configs.c.hash == config_hash, ~sa.exists(in_use))
             )
 
@@ -215,16 +239,16 @@ class Store:
         """
         now = utcnow()
 
-        async def tx(conn: AsyncConnection) -> list[tuple[Execution, bool]]:
+        def tx(conn: sa.Connection) -> list[tuple[Execution, bool]]:
             for q in {n.queue for n in new}:
-                await conn.execute(
+                conn.execute(
                     self._insert(queues)
                     .values(name=q, created_at=now)
                     .on_conflict_do_nothing(index_elements=["name"])
                 )
             out = []
             for n in new:
-                inserted = await conn.execute(
+                inserted = conn.execute(
                     self._insert(executions)
                     .values(
                         id=n.id,
@@ -251,7 +275,7 @@ class Store:
                 created = row is not None
                 if row is None:
                     row = (
-                        (await conn.execute(sa.select(executions).where(executions.c.id == n.id)))
+                        (conn.execute(sa.select(executions).where(executions.c.id == n.id)))
                         .mappings()
                         .one()
                     )
@@ -263,9 +287,9 @@ class Store:
     # ------------------------------------------------------------- reading
 
     async def get(self, execution_id: str) -> Execution | None:
-        async def tx(conn: AsyncConnection) -> Execution | None:
+        def tx(conn: sa.Connection) -> Execution | None:
             row = (
-                (await conn.execute(sa.select(executions).where(executions.c.id == execution_id)))
+                (conn.execute(sa.select(executions).where(executions.c.id == execution_id)))
                 .mappings()
                 .first()
             )
@@ -285,8 +309,8 @@ class Store:
             stmt = stmt.where(executions.c.queue == queue)
         stmt = stmt.limit(limit)
 
-        async def tx(conn: AsyncConnection) -> list[Execution]:
-            return [Execution.from_row(r) for r in (await conn.execute(stmt)).mappings()]
+        def tx(conn: sa.Connection) -> list[Execution]:
+            return [Execution.from_row(r) for r in (conn.execute(stmt)).mappings()]
 
         return await self._read(tx)
 
@@ -302,10 +326,9 @@ class Store:
             .order_by(checkpoints.c.id)
         )
 
-        async def tx(conn: AsyncConnection) -> list[CheckpointRecord]:
+        def tx(conn: sa.Connection) -> list[CheckpointRecord]:
             return [
-                CheckpointRecord(r.step, r.event, r.state, r.created_at)
-                for r in await conn.execute(stmt)
+                CheckpointRecord(r.step, r.event, r.state, r.created_at) for r in conn.execute(stmt)
             ]
 
         return await self._read(tx)
@@ -313,8 +336,8 @@ class Store:
     async def count_by_status(self) -> dict[str, int]:
         stmt = sa.select(executions.c.status, sa.func.count()).group_by(executions.c.status)
 
-        async def tx(conn: AsyncConnection) -> dict[str, int]:
-            return {s: n for s, n in await conn.execute(stmt)}
+        def tx(conn: sa.Connection) -> dict[str, int]:
+            return {s: n for s, n in conn.execute(stmt)}
 
         return await self._read(tx)
 
@@ -352,19 +375,19 @@ class Store:
         ttl = self.settings.lease_ttl
         cap = self.settings.max_recoveries
 
-        async def tx(conn: AsyncConnection) -> Claim | None:
+        def tx(conn: sa.Connection) -> Claim | None:
             now = utcnow()
             while True:
                 recovered = True
-                row = (await conn.execute(self._runnable_expired(queue_names, now))).first()
+                row = (conn.execute(self._runnable_expired(queue_names, now))).first()
                 if row is None:
                     recovered = False
-                    row = (await conn.execute(self._runnable_queued(queue_names, now))).first()
+                    row = (conn.execute(self._runnable_queued(queue_names, now))).first()
                 if row is None:
                     return None
                 if recovered and row.recoveries + 1 > cap:
                     # a poison execution: it has killed its worker too often
-                    await conn.execute(
+                    conn.execute(
                         sa.update(executions)
                         .where(executions.c.id == row.id)
                         .values(
@@ -380,7 +403,7 @@ class Store:
                     continue
                 claimed = (
                     (
-                        await conn.execute(
+                        conn.execute(
                             sa.update(executions)
                             .where(executions.c.id == row.id)
                             .values(
@@ -413,11 +436,11 @@ class Store:
         """
         ttl = self.settings.lease_ttl
 
-        async def tx(conn: AsyncConnection) -> tuple[set[str], str | None]:
+        def tx(conn: sa.Connection) -> tuple[set[str], str | None]:
             now = utcnow()
             kept: set[str] = set()
             if held:
-                result = await conn.execute(
+                result = conn.execute(
                     sa.update(executions)
                     .where(
                         executions.c.worker_id == worker_id,
@@ -428,7 +451,7 @@ class Store:
                     .returning(executions.c.id, executions.c.fence)
                 )
                 kept = {r.id for r in result if held.get(r.id) == r.fence}
-            status = await conn.scalar(
+            status = conn.scalar(
                 sa.update(workers)
                 .where(workers.c.id == worker_id)
                 .values(last_heartbeat=now, running=len(held))
@@ -439,8 +462,8 @@ class Store:
         return await self._write(tx)
 
     async def holds_fence(self, execution_id: str, fence: int) -> bool:
-        async def tx(conn: AsyncConnection) -> bool:
-            current = await conn.scalar(
+        def tx(conn: sa.Connection) -> bool:
+            current = conn.scalar(
                 sa.select(executions.c.fence).where(
                     executions.c.id == execution_id, executions.c.status == "running"
                 )
@@ -462,14 +485,19 @@ class Store:
         event: str,
         state: str | None,
         snapshot: bytes,
+        durable: bool = True,
     ) -> None:
         """Commit one snapshot, fenced by the owning execution's claim.
 
         The snapshot row is also the latest pointer (latest = highest id), so a
-        snapshot and its pointer are one insert in one transaction.
+        snapshot and its pointer are one insert in one transaction. A durable
+        snapshot is on disk when this returns; a progress marker may trail it
+        until the next durable commit.
         """
 
-        async def tx(conn: AsyncConnection) -> None:
+        def tx(conn: sa.Connection) -> None:
+            if not durable and self.dialect == "postgresql":
+                conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
             now = utcnow()
             values: dict[str, Any] = {"updated_at": now}
             if execution_id == owner_id:
@@ -478,7 +506,7 @@ class Store:
                 # keep the last real state for `orch show`
                 if event not in ("machine_start", "machine_end"):
                     values["current_state"] = state
-            result = await conn.execute(
+            result = conn.execute(
                 sa.update(executions)
                 .where(
                     executions.c.id == owner_id,
@@ -489,7 +517,7 @@ class Store:
             )
             if result.rowcount != 1:
                 raise LeaseLost(owner_id, fence)
-            await conn.execute(
+            conn.execute(
                 sa.insert(checkpoints).values(
                     execution_id=execution_id,
                     key=key,
@@ -502,7 +530,7 @@ class Store:
                 )
             )
 
-        await self._write(tx)
+        await self._run(tx, write=True, durable=durable)
 
     async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
         stmt = (
@@ -512,8 +540,8 @@ class Store:
             .limit(1)
         )
 
-        async def tx(conn: AsyncConnection) -> bytes | None:
-            return await conn.scalar(stmt)
+        def tx(conn: sa.Connection) -> bytes | None:
+            return conn.scalar(stmt)
 
         return await self._read(tx)
 
@@ -525,8 +553,8 @@ class Store:
             .limit(1)
         )
 
-        async def tx(conn: AsyncConnection) -> tuple[str, bytes] | None:
-            row = (await conn.execute(stmt)).first()
+        def tx(conn: sa.Connection) -> tuple[str, bytes] | None:
+            row = (conn.execute(stmt)).first()
             return (row.key, bytes(row.snapshot)) if row else None
 
         return await self._read(tx)
@@ -544,8 +572,8 @@ class Store:
             .order_by(checkpoints.c.execution_id)
         )
 
-        async def tx(conn: AsyncConnection) -> list[tuple[str, bytes]]:
-            return [(r.execution_id, bytes(r.snapshot)) for r in await conn.execute(stmt)]
+        def tx(conn: sa.Connection) -> list[tuple[str, bytes]]:
+            return [(r.execution_id, bytes(r.snapshot)) for r in conn.execute(stmt)]
 
         return await self._read(tx)
 
@@ -554,8 +582,8 @@ class Store:
         if key is not None:
             stmt = stmt.where(checkpoints.c.key == key)
 
-        async def tx(conn: AsyncConnection) -> None:
-            await conn.execute(stmt)
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(stmt)
 
         await self._write(tx)
 
@@ -573,14 +601,14 @@ class Store:
         assert status in ("completed", "failed", "waiting")
         counter = {"completed": "completed", "failed": "failed"}.get(status)
 
-        async def tx(conn: AsyncConnection) -> None:
+        def tx(conn: sa.Connection) -> None:
             now = utcnow()
             values: dict[str, Any] = dict(
                 status=status, output=output, error=error, lease_until=None, updated_at=now
             )
             if status != "waiting":
                 values["finished_at"] = now
-            result = await conn.execute(
+            result = conn.execute(
                 sa.update(executions)
                 .where(
                     executions.c.id == claim.execution.id,
@@ -593,7 +621,7 @@ class Store:
                 raise LeaseLost(claim.execution.id, claim.fence)
             if counter:
                 col = workers.c[counter]
-                await conn.execute(
+                conn.execute(
                     sa.update(workers).where(workers.c.id == claim.worker_id).values({col: col + 1})
                 )
 
@@ -603,9 +631,9 @@ class Store:
         """Give a running execution back to its queue (drain); it resumes from
         its last checkpoint on the next claim. False if the lease was lost."""
 
-        async def tx(conn: AsyncConnection) -> bool:
+        def tx(conn: sa.Connection) -> bool:
             now = utcnow()
-            result = await conn.execute(
+            result = conn.execute(
                 sa.update(executions)
                 .where(
                     executions.c.id == claim.execution.id,
@@ -626,14 +654,14 @@ class Store:
         now = utcnow()
         names = sorted(set(queue_names))
 
-        async def tx(conn: AsyncConnection) -> None:
+        def tx(conn: sa.Connection) -> None:
             for q in names:
-                await conn.execute(
+                conn.execute(
                     self._insert(queues)
                     .values(name=q, created_at=now)
                     .on_conflict_do_nothing(index_elements=["name"])
                 )
-            await conn.execute(
+            conn.execute(
                 sa.insert(workers).values(
                     id=worker_id,
                     host=host,
@@ -654,12 +682,12 @@ class Store:
     async def set_worker_status(self, worker_id: str, status: str) -> None:
         assert status in ("active", "draining", "stopped", "lost")
 
-        async def tx(conn: AsyncConnection) -> None:
+        def tx(conn: sa.Connection) -> None:
             now = utcnow()
             values: dict[str, Any] = {"status": status, "last_heartbeat": now}
             if status == "stopped":
                 values.update(stopped_at=now, running=0)
-            await conn.execute(sa.update(workers).where(workers.c.id == worker_id).values(**values))
+            conn.execute(sa.update(workers).where(workers.c.id == worker_id).values(**values))
 
         await self._write(tx)
 
@@ -668,8 +696,8 @@ class Store:
         if not include_stopped:
             stmt = stmt.where(workers.c.status != "stopped")
 
-        async def tx(conn: AsyncConnection) -> list[WorkerRecord]:
-            return [WorkerRecord.from_row(r) for r in (await conn.execute(stmt)).mappings()]
+        def tx(conn: sa.Connection) -> list[WorkerRecord]:
+            return [WorkerRecord.from_row(r) for r in (conn.execute(stmt)).mappings()]
 
         return await self._read(tx)
 
@@ -678,7 +706,7 @@ class Store:
     async def queue_stats(self) -> list[dict[str, Any]]:
         """Per queue: policy, executions per status, live workers serving it."""
 
-        async def tx(conn: AsyncConnection) -> list[dict[str, Any]]:
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
             stats: dict[str, dict[str, Any]] = {}
 
             def entry(name: str) -> dict[str, Any]:
@@ -699,7 +727,7 @@ class Store:
                     },
                 )
 
-            for q in (await conn.execute(sa.select(queues))).mappings():
+            for q in (conn.execute(sa.select(queues))).mappings():
                 e = entry(q["name"])
                 e.update(
                     min_workers=q["min_workers"],
@@ -709,10 +737,10 @@ class Store:
             counts = sa.select(executions.c.queue, executions.c.status, sa.func.count()).group_by(
                 executions.c.queue, executions.c.status
             )
-            for name, status, n in await conn.execute(counts):
+            for name, status, n in conn.execute(counts):
                 entry(name)[status] = n
             live = sa.select(workers.c.queues).where(workers.c.status.in_(("active", "draining")))
-            for (names,) in await conn.execute(live):
+            for (names,) in conn.execute(live):
                 if isinstance(names, str):  # JSON stored as text by some drivers
                     names = json.loads(names)
                 for name in names:
