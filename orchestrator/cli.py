@@ -152,7 +152,7 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
         stream=sys.stderr,
     )
     if not verbose:
-        for noisy in ("flatmachines", "flatagents", "alembic", "httpx"):
+        for noisy in ("flatmachines", "flatagents", "alembic", "httpx", "apscheduler"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -168,6 +168,20 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
 )
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--delay", type=click.FloatRange(min=0), help="Seconds before it may run.")
+@click.option(
+    "--max-attempts",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Runs allowed for an unhandled error; retries resume from the last checkpoint.",
+)
+@click.option(
+    "--backoff",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Seconds before the first retry; doubles each attempt (jittered, max 300).",
+)
 @click.option("--wait", is_flag=True, help="Wait for the outcome (exit 1 if failed/cancelled).")
 @click.option(
     "--timeout",
@@ -185,15 +199,22 @@ def submit(
     execution_id,
     priority,
     delay,
+    max_attempts,
+    backoff,
     wait,
     timeout,
     as_json,
 ):
     """Enqueue MACHINE.yml; prints the execution id."""
+    retry = {"max_attempts": max_attempts, "backoff": backoff}
     settings = settings_from(ctx)
 
     async def body() -> int:
         inputs, batch = read_inputs(input_json, input_file)
+        if max_attempts < 1:
+            raise UserError("--max-attempts must be at least 1")
+        if backoff <= 0:
+            raise UserError("--backoff must be more than 0 seconds")
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
         config = load_machine_file(machine)
@@ -205,7 +226,7 @@ def submit(
                     else None
                 )
                 submitted = await _submit_with_progress(
-                    client, config, inputs, ids, queue, priority, delay, as_json
+                    client, config, inputs, ids, queue, priority, delay, retry, as_json
                 )
             else:
                 submitted = [
@@ -216,6 +237,7 @@ def submit(
                         queue=queue,
                         priority=priority,
                         delay=delay,
+                        **retry,
                     )
                 ]
             executions = [s.execution for s in submitted]
@@ -251,7 +273,7 @@ def submit(
     sys.exit(run(body))
 
 
-async def _submit_with_progress(client, machine, inputs, ids, queue, priority, delay, quiet):
+async def _submit_with_progress(client, machine, inputs, ids, queue, priority, delay, retry, quiet):
     from rich.console import Console
     from rich.progress import Progress
 
@@ -266,6 +288,7 @@ async def _submit_with_progress(client, machine, inputs, ids, queue, priority, d
             queue=queue,
             priority=priority,
             delay=delay,
+            **retry,
             progress=lambda n: bar.advance(task, n),
         )
 
@@ -494,8 +517,20 @@ def queues(ctx, as_json):
         store = await Store.open(settings)
         try:
             rows = await store.queue_stats()
+            events = await store.scaling_history(limit=200)
         finally:
             await store.close()
+        for row in rows:
+            row["scaling_events"] = [
+                {
+                    "at": iso(e["at"]),
+                    "from_workers": e["from_workers"],
+                    "to_workers": e["to_workers"],
+                    "reason": e["reason"],
+                }
+                for e in events
+                if e["queue"] == row["queue"]
+            ][:5]
         if as_json:
             emit_json(rows)
             return
@@ -508,10 +543,245 @@ def queues(ctx, as_json):
             "failed",
             "cancelled",
             "workers",
+            "min_workers",
+            "max_workers",
         ]
         _table(cols, [[str(r[c]) for c in cols] for r in rows])
+        recent = [(r["queue"], e) for r in rows for e in r["scaling_events"]]
+        if recent:
+            click.echo("\nrecent scaling:")
+            _table(
+                ["queue", "at", "workers", "reason"],
+                [
+                    [q, e["at"], f"{e['from_workers']} -> {e['to_workers']}", e["reason"]]
+                    for q, e in recent
+                ],
+            )
 
     run(body)
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cancel(ctx, execution_id, as_json):
+    """Cancel an execution that has not finished; its worker abandons it."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            ex = await client.cancel(execution_id)
+        if as_json:
+            emit_json(execution_json(ex))
+        else:
+            click.echo(f"{ex.id} {ex.status}")
+
+    run(body)
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def retry(ctx, execution_id, as_json):
+    """Resume a failed or cancelled execution from its last checkpoint."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            ex = await client.retry(execution_id)
+        if as_json:
+            emit_json(execution_json(ex))
+        else:
+            click.echo(f"{ex.id} {ex.status} (attempt {ex.attempt})")
+
+    run(body)
+
+
+@cli.command()
+@click.argument("queue")
+@click.option("--min", "min_workers", type=int, required=True)
+@click.option("--max", "max_workers", type=int, required=True)
+@click.option("--per-worker", type=int, help="Backlog one worker is expected to carry.")
+@click.option("--create", is_flag=True, help="Create the queue if it does not exist.")
+@click.pass_context
+def scale(ctx, queue, min_workers, max_workers, per_worker, create):
+    """Set a queue's pool policy; the leader scheduler follows it."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            await client.scale(
+                queue,
+                min_workers=min_workers,
+                max_workers=max_workers,
+                per_worker=per_worker,
+                create=create,
+            )
+        click.echo(f"queue '{queue}': min {min_workers}, max {max_workers}")
+
+    run(body)
+
+
+@cli.group()
+def schedule() -> None:
+    """Cron schedules (UTC), kept in the store."""
+
+
+@schedule.command(name="add")
+@click.argument("name")
+@click.argument("machine")
+@click.option("--cron", required=True, help="Five fields, UTC, e.g. '0 2 * * *'.")
+@click.option("--input", "input_json", help="Input for every run, as a JSON object.")
+@click.option("--queue", default="default", show_default=True)
+@click.pass_context
+def schedule_add(ctx, name, machine, cron, input_json, queue):
+    """Run MACHINE on a cron schedule."""
+    from .cron import trigger
+
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        trigger(cron)
+        data = parse_input_object(input_json, "--input") if input_json is not None else {}
+        config = load_machine_file(machine)
+        async with await Client.open(settings) as client:
+            first = await client.add_schedule(name, config, cron=cron, input=data, queue=queue)
+        click.echo(f"schedule '{name}' added; first run {iso(first)}")
+
+    run(body)
+
+
+@schedule.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def schedule_list(ctx, as_json):
+    """Schedules with their next fire time."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        store = await Store.open(settings)
+        try:
+            rows = await store.list_schedules()
+        finally:
+            await store.close()
+        docs = [
+            {
+                "name": r["name"],
+                "machine": r["machine"],
+                "cron": r["cron"],
+                "queue": r["queue"],
+                "input": r["input"],
+                "next_fire_at": iso(r["next_fire_at"]),
+                "last_fired_at": iso(r["last_fired_at"]),
+            }
+            for r in rows
+        ]
+        if as_json:
+            emit_json(docs)
+            return
+        cols = ["name", "machine", "cron", "queue", "next_fire_at", "last_fired_at"]
+        _table(cols, [[d[c] for c in cols] for d in docs])
+
+    run(body)
+
+
+@schedule.command(name="remove")
+@click.argument("name")
+@click.pass_context
+def schedule_remove(ctx, name):
+    """Remove a schedule."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        store = await Store.open(settings)
+        try:
+            removed = await store.remove_schedule(name)
+        finally:
+            await store.close()
+        if not removed:
+            raise UserError(f"no schedule named '{name}' (see `orch schedule list`)")
+        click.echo(f"schedule '{name}' removed")
+
+    run(body)
+
+
+def _run_scheduler(
+    settings: Settings,
+    *,
+    app: str | None,
+    concurrency: int,
+    log_dir: str,
+    policy: tuple[str, int, int] | None = None,
+) -> None:
+    from .app import load_hooks_registry
+    from .pool import LocalPool
+    from .scheduler import Scheduler
+
+    async def body() -> None:
+        if app:
+            load_hooks_registry(app)  # a bad --app is one clear line here, not in every worker
+        store = await Store.open(settings)
+        try:
+            if policy is not None:
+                queue, lo, hi = policy
+                await Client(store).scale(queue, min_workers=lo, max_workers=hi, create=True)
+            pool = LocalPool(
+                database_url=settings.database_url,
+                app=app,
+                log_dir=Path(log_dir),
+                concurrency=concurrency,
+                lease_ttl=settings.lease_ttl,
+            )
+            await Scheduler(store, settings, pool=pool).run()
+        finally:
+            await store.close()
+
+    run(body)
+
+
+@cli.command()
+@click.option("--app", envvar="ORCH_APP", help="MODULE[:ATTR] for the workers it starts.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Concurrency of each worker it starts.",
+)
+@click.option(
+    "--log-dir", default="orch-logs", show_default=True, help="One log file per started worker."
+)
+@click.option("--lease-ttl", type=click.FloatRange(min=0.1), envvar="ORCH_LEASE_TTL")
+@click.pass_context
+def scheduler(ctx, app, concurrency, log_dir, lease_ttl):
+    """Reaper, autoscaler and cron schedules; leader-elected across hosts."""
+    settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
+    _run_scheduler(settings, app=settings.app, concurrency=concurrency, log_dir=log_dir)
+
+
+@cli.command()
+@click.option("--app", envvar="ORCH_APP", help="MODULE[:ATTR] for the workers it starts.")
+@click.option("--queue", default="default", show_default=True)
+@click.option("--min", "min_workers", type=int, default=1, show_default=True)
+@click.option("--max", "max_workers", type=int, default=4, show_default=True)
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--log-dir", default="orch-logs", show_default=True)
+@click.option("--lease-ttl", type=click.FloatRange(min=0.1), envvar="ORCH_LEASE_TTL")
+@click.pass_context
+def up(ctx, app, queue, min_workers, max_workers, concurrency, log_dir, lease_ttl):
+    """Leader scheduler plus a managed worker pool; Ctrl-C drains and exits."""
+    settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
+    if min_workers < 0 or max_workers < 0 or min_workers > max_workers:
+        fail(f"--min {min_workers} / --max {max_workers}: need 0 <= min <= max")
+    _run_scheduler(
+        settings,
+        app=settings.app,
+        concurrency=concurrency,
+        log_dir=log_dir,
+        policy=(queue, min_workers, max_workers),
+    )
 
 
 @cli.group()

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,8 @@ class Client:
         queue: str = "default",
         priority: int = 0,
         delay: float | None = None,
+        max_attempts: int = 1,
+        backoff: float = 1.0,
     ) -> Submitted:
         """Enqueue one execution. The same ``id`` again returns the existing one."""
         [submitted] = await self.submit_many(
@@ -74,6 +76,8 @@ class Client:
             queue=queue,
             priority=priority,
             delay=delay,
+            max_attempts=max_attempts,
+            backoff=backoff,
         )
         return submitted
 
@@ -86,6 +90,8 @@ class Client:
         queue: str = "default",
         priority: int = 0,
         delay: float | None = None,
+        max_attempts: int = 1,
+        backoff: float = 1.0,
         progress=None,
     ) -> list[Submitted]:
         for i, item in enumerate(inputs):
@@ -95,6 +101,10 @@ class Client:
             raise ValueError("ids and inputs differ in length")
         if not queue:
             raise UserError("--queue must not be empty")
+        if max_attempts < 1:
+            raise UserError("--max-attempts must be at least 1")
+        if backoff <= 0:
+            raise UserError("--backoff must be more than 0 seconds")
         config = await self.pin(machine)
         not_before = utcnow() + timedelta(seconds=delay) if delay else None
         rows = [
@@ -106,6 +116,8 @@ class Client:
                 queue=queue,
                 priority=priority,
                 not_before=not_before,
+                max_attempts=max_attempts,
+                retry_backoff=backoff,
             )
             for i, item in enumerate(inputs)
         ]
@@ -153,3 +165,68 @@ class Client:
         """The output of a completed execution (waits for it)."""
         ex = await self.wait(execution_id, timeout)
         return ex.output
+
+    # ---------------------------------------------------------- control
+
+    async def cancel(self, execution_id: str) -> Execution:
+        return await self.store.cancel(execution_id)
+
+    async def retry(self, execution_id: str) -> Execution:
+        """Resume a failed or cancelled execution from its last checkpoint."""
+        return await self.store.retry(execution_id)
+
+    async def scale(
+        self,
+        queue: str,
+        *,
+        min_workers: int,
+        max_workers: int,
+        per_worker: int | None = None,
+        create: bool = False,
+    ) -> None:
+        if min_workers < 0 or max_workers < 0:
+            raise UserError("--min and --max must not be negative")
+        if min_workers > max_workers:
+            raise UserError(f"--min {min_workers} is more than --max {max_workers}")
+        if per_worker is not None and per_worker < 1:
+            raise UserError("--per-worker must be at least 1")
+        if not create and not await self.store.queue_exists(queue):
+            raise UserError(
+                f"no queue named '{queue}' (see `orch queues`); pass --create to make it"
+            )
+        await self.store.set_queue_policy(
+            queue, min_workers=min_workers, max_workers=max_workers, per_worker=per_worker
+        )
+
+    async def add_schedule(
+        self,
+        name: str,
+        machine: str | Path | MachineConfig,
+        *,
+        cron: str,
+        input: dict[str, Any] | None = None,
+        queue: str = "default",
+    ) -> datetime:
+        """Add a cron schedule; returns its first fire time (UTC)."""
+        from .cron import next_fire, trigger
+
+        trigger(cron)  # validate before anything is written
+        if not name or "@" in name:
+            raise UserError("a schedule name must be non-empty and must not contain '@'")
+        config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
+        await self.pin(config)
+        first = next_fire(cron, utcnow())
+        added = await self.store.add_schedule(
+            name=name,
+            machine=config.name,
+            config_hash=config.hash,
+            cron=cron,
+            input=input or {},
+            queue=queue,
+            next_fire_at=first,
+        )
+        if not added:
+            raise UserError(
+                f"a schedule named '{name}' exists; `orch schedule remove {name}` first"
+            )
+        return first

@@ -26,6 +26,7 @@ from .app import registered_names
 from .errors import LeaseLost
 from .machine_config import ConfigCache, hook_names
 from .persistence import FencedLock, FencedPersistence, StoreConfigStore
+from .retry import backoff_delay
 from .store import Claim, Store
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ MAX_STEPS = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: str  # completed | failed | waiting | lost
+    status: str  # completed | failed | retrying | waiting | lost
     output: Any = None
     error: str | None = None
 
@@ -69,12 +70,20 @@ class Runner:
         except LeaseLost:
             log.warning("lease lost on %s; abandoning it to its new owner", claim.execution.id)
             return Outcome("lost")
-        except Exception as exc:  # the machine's own unhandled error
+        except Exception as exc:  # the machine's own unhandled error: the retry policy
             detail = "".join(traceback.format_exception(exc)).strip()
-            outcome = Outcome("failed", error=f"{type(exc).__name__}: {exc}\n\n{detail}")
+            error = f"{type(exc).__name__}: {exc}\n\n{detail}"
+            ex = claim.execution
+            if ex.attempt < ex.max_attempts:
+                delay = backoff_delay(ex.attempt, ex.retry_backoff, ex.retry_backoff_max)
+                if not await self.store.retry_later(claim, error=error, delay=delay):
+                    return Outcome("lost")
+                log.info("attempt %d of %s failed; retry in %.1fs", ex.attempt, ex.id, delay)
+                return Outcome("retrying", error=error)
+            outcome = Outcome("failed", error=error)
         try:
             await self.store.finish(
-                claim, status=outcome.status, output=outcome.output, error=outcome.error
+                claim, status=outcome.status, output=_jsonable(outcome.output), error=outcome.error
             )
         except LeaseLost:
             return Outcome("lost")
@@ -122,6 +131,11 @@ class Runner:
         if isinstance(result, dict) and result.get("_waiting"):
             return Outcome("waiting", output={"channel": result.get("_channel")})
         return Outcome("completed", output=result)
+
+
+def _jsonable(value: Any) -> Any:
+    """Outputs are stored as JSON: anything else becomes its string form."""
+    return json.loads(json.dumps(value, default=str))
 
 
 async def _end(machine: FlatMachine, snapshot: MachineSnapshot, *, already_saved: bool) -> Any:

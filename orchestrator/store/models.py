@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -58,6 +59,9 @@ executions = Table(
     Column("error", Text),
     Column("attempt", Integer, nullable=False, server_default=text("1")),
     Column("max_attempts", Integer, nullable=False, server_default=text("1")),
+    # retry delay before attempt n+1: min(backoff * 2**(n-1), backoff_max), jittered
+    Column("retry_backoff", Float, nullable=False, server_default=text("1.0")),
+    Column("retry_backoff_max", Float, nullable=False, server_default=text("300.0")),
     Column("recoveries", Integer, nullable=False, server_default=text("0")),
     Column("not_before", DateTime),
     Column("parent_id", String(200)),
@@ -118,6 +122,10 @@ workers = Table(
     Column("running", Integer, nullable=False, server_default=text("0")),
     Column("completed", Integer, nullable=False, server_default=text("0")),
     Column("failed", Integer, nullable=False, server_default=text("0")),
+    # flatmachines RegistrationBackend fields
+    Column("capabilities", JSON),
+    Column("metadata", JSON),
+    Column("current_task_id", String(200)),
     Index("ix_workers_status", "status"),
 )
 
@@ -130,6 +138,67 @@ queues = Table(
     Column("concurrency_limit", Integer),
     Column("paused", Integer, nullable=False, server_default=text("0")),
     Column("created_at", DateTime, nullable=False),
+    # autoscaler: one worker per this many runnable queued executions
+    Column("per_worker", Integer, nullable=False, server_default=text("10")),
+    Column("last_scaled_at", DateTime),
+)
+
+# one row per leader-elected role ("scheduler"): whoever holds an unexpired
+# lease is leader; fence += 1 on every change of holder
+leader_leases = Table(
+    "leader_leases",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("fence", BigInteger, nullable=False),
+    Column("lease_until", DateTime, nullable=False),
+)
+
+schedules = Table(
+    "schedules",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("machine", String(200), nullable=False),
+    Column("config_hash", String(64), ForeignKey("configs.hash"), nullable=False),
+    Column("cron", String(200), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("queue", String(100), nullable=False),
+    Column("next_fire_at", DateTime, nullable=False),
+    Column("last_fired_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+)
+
+scaling_events = Table(
+    "scaling_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("queue", String(100), nullable=False),
+    Column("at", DateTime, nullable=False),
+    Column("from_workers", Integer, nullable=False),
+    Column("to_workers", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Index("ix_scaling_events_queue", "queue", "id"),
+)
+
+# flatmachines WorkBackend pools (the DistributedWorkerHooks pattern)
+work_items = Table(
+    "work_items",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("pool", String(200), nullable=False),
+    Column("data", JSON, nullable=False),
+    # pending | claimed | completed | poisoned
+    Column("status", String(16), nullable=False),
+    Column("claimed_by", String(200)),
+    Column("claimed_at", DateTime),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_retries", Integer, nullable=False, server_default=text("3")),
+    Column("result", JSON),
+    Column("error", Text),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    Index("ix_work_items_claim", "pool", "status", "created_at"),
+    Index("ix_work_items_claimed_by", "claimed_by"),
 )
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")

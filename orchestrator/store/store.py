@@ -12,17 +12,28 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..clock import lease_deadline, utcnow
-from ..errors import LeaseLost, UserError
+from ..errors import ExecutionNotFound, LeaseLost, UserError
 from ..settings import Settings
 from . import engine as eng
-from .models import FINAL_STATUSES, checkpoints, configs, executions, queues, workers
+from . import work
+from .models import (
+    FINAL_STATUSES,
+    checkpoints,
+    configs,
+    executions,
+    leader_leases,
+    queues,
+    scaling_events,
+    schedules,
+    workers,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +49,8 @@ class Execution:
     error: str | None
     attempt: int
     max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
     recoveries: int
     not_before: datetime | None
     parent_id: str | None
@@ -71,6 +84,8 @@ class NewExecution:
     queue: str = "default"
     priority: int = 0
     max_attempts: int = 1
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
     not_before: datetime | None = None
     parent_id: str | None = None
 
@@ -114,6 +129,15 @@ class WorkerRecord:
 
 
 T = TypeVar("T")
+
+
+def _held(execution_id: str, fence: int) -> sa.ColumnElement[bool]:
+    """The row is still running under this claim: the condition of every fenced write."""
+    return sa.and_(
+        executions.c.id == execution_id,
+        executions.c.fence == fence,
+        executions.c.status == "running",
+    )
 
 
 class Store:
@@ -260,6 +284,8 @@ class Store:
                         input=n.input,
                         attempt=1,
                         max_attempts=n.max_attempts,
+                        retry_backoff=n.retry_backoff,
+                        retry_backoff_max=n.retry_backoff_max,
                         recoveries=0,
                         not_before=n.not_before,
                         parent_id=n.parent_id,
@@ -454,7 +480,12 @@ class Store:
             status = conn.scalar(
                 sa.update(workers)
                 .where(workers.c.id == worker_id)
-                .values(last_heartbeat=now, running=len(held))
+                .values(
+                    last_heartbeat=now,
+                    running=len(held),
+                    # a worker the reaper gave up on is back (it was paused, say)
+                    status=sa.case((workers.c.status == "lost", "active"), else_=workers.c.status),
+                )
                 .returning(workers.c.status)
             )
             return set(held) - kept, status
@@ -507,13 +538,7 @@ class Store:
                 if event not in ("machine_start", "machine_end"):
                     values["current_state"] = state
             result = conn.execute(
-                sa.update(executions)
-                .where(
-                    executions.c.id == owner_id,
-                    executions.c.fence == fence,
-                    executions.c.status == "running",
-                )
-                .values(**values)
+                sa.update(executions).where(_held(owner_id, fence)).values(**values)
             )
             if result.rowcount != 1:
                 raise LeaseLost(owner_id, fence)
@@ -609,13 +634,7 @@ class Store:
             if status != "waiting":
                 values["finished_at"] = now
             result = conn.execute(
-                sa.update(executions)
-                .where(
-                    executions.c.id == claim.execution.id,
-                    executions.c.fence == claim.fence,
-                    executions.c.status == "running",
-                )
-                .values(**values)
+                sa.update(executions).where(_held(claim.execution.id, claim.fence)).values(**values)
             )
             if result.rowcount != 1:
                 raise LeaseLost(claim.execution.id, claim.fence)
@@ -635,12 +654,494 @@ class Store:
             now = utcnow()
             result = conn.execute(
                 sa.update(executions)
-                .where(
-                    executions.c.id == claim.execution.id,
-                    executions.c.fence == claim.fence,
-                    executions.c.status == "running",
-                )
+                .where(_held(claim.execution.id, claim.fence))
                 .values(status="queued", worker_id=None, lease_until=None, updated_at=now)
+            )
+            return result.rowcount == 1
+
+        return await self._write(tx)
+
+    async def retry_later(self, claim: Claim, *, error: str, delay: float) -> bool:
+        """Back to the queue for the next attempt after ``delay`` seconds (fenced).
+        It resumes from its last checkpoint. False if the lease was lost."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            result = conn.execute(
+                sa.update(executions)
+                .where(_held(claim.execution.id, claim.fence))
+                .values(
+                    status="queued",
+                    attempt=executions.c.attempt + 1,
+                    error=error,
+                    not_before=now + timedelta(seconds=delay),
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            )
+            return result.rowcount == 1
+
+        return await self._write(tx)
+
+    async def cancel(self, execution_id: str) -> Execution:
+        """Cancel any non-final execution. fence += 1, so a worker running it
+        has its next write refused and abandons it."""
+
+        def tx(conn: sa.Connection) -> Execution:
+            now = utcnow()
+            conn.execute(
+                sa.update(executions)
+                .where(executions.c.id == execution_id, executions.c.status.not_in(FINAL_STATUSES))
+                .values(
+                    status="cancelled",
+                    fence=executions.c.fence + 1,
+                    lease_until=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            return self._get(conn, execution_id)
+
+        return await self._write(tx)
+
+    async def retry(self, execution_id: str) -> Execution:
+        """Queue a failed or cancelled execution again; it resumes from its last
+        checkpoint with a fresh attempt."""
+
+        def tx(conn: sa.Connection) -> Execution:
+            ex = self._get(conn, execution_id)
+            if ex.status not in ("failed", "cancelled"):
+                raise UserError(
+                    f"execution {execution_id} is {ex.status}: only failed or cancelled "
+                    "executions can be retried"
+                )
+            now = utcnow()
+            conn.execute(
+                sa.update(executions)
+                .where(executions.c.id == execution_id)
+                .values(
+                    status="queued",
+                    attempt=executions.c.attempt + 1,
+                    max_attempts=sa.func.max(executions.c.max_attempts, executions.c.attempt + 1)
+                    if self.dialect == "sqlite"
+                    else sa.func.greatest(executions.c.max_attempts, executions.c.attempt + 1),
+                    recoveries=0,
+                    not_before=None,
+                    worker_id=None,
+                    lease_until=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+            )
+            return self._get(conn, execution_id)
+
+        return await self._write(tx)
+
+    def _get(self, conn: sa.Connection, execution_id: str) -> Execution:
+        row = (
+            conn.execute(sa.select(executions).where(executions.c.id == execution_id))
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise ExecutionNotFound(execution_id)
+        return Execution.from_row(row)
+
+    # -------------------------------------------------------------- reaper
+
+    async def requeue_expired(self) -> tuple[list[str], list[str]]:
+        """Running executions whose lease expired go back to their queue
+        (recoveries += 1, fence += 1); past the recovery cap they fail.
+        Returns (requeued ids, failed ids)."""
+        cap = self.settings.max_recoveries
+
+        def tx(conn: sa.Connection) -> tuple[list[str], list[str]]:
+            now = utcnow()
+            expired = conn.execute(
+                sa.select(executions.c.id, executions.c.recoveries)
+                .where(executions.c.status == "running", executions.c.lease_until < now)
+                .with_for_update(skip_locked=True)
+            ).all()
+            requeued, failed = [], []
+            for row in expired:
+                common = dict(
+                    fence=executions.c.fence + 1,
+                    recoveries=executions.c.recoveries + 1,
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                if row.recoveries + 1 > cap:
+                    values = dict(
+                        common,
+                        status="failed",
+                        finished_at=now,
+                        error=f"crashed its worker {row.recoveries + 1} times "
+                        f"(cap ORCH_MAX_RECOVERIES={cap})",
+                    )
+                    failed.append(row.id)
+                else:
+                    values = dict(common, status="queued")
+                    requeued.append(row.id)
+                conn.execute(sa.update(executions).where(executions.c.id == row.id).values(values))
+            return requeued, failed
+
+        return await self._write(tx)
+
+    async def mark_lost_workers(self, silent_for: float) -> list[str]:
+        """Workers with no heartbeat for ``silent_for`` seconds become lost."""
+
+        def tx(conn: sa.Connection) -> list[str]:
+            now = utcnow()
+            result = conn.execute(
+                sa.update(workers)
+                .where(
+                    workers.c.status.in_(("active", "draining")),
+                    workers.c.last_heartbeat < now - timedelta(seconds=silent_for),
+                )
+                .values(status="lost", running=0)
+                .returning(workers.c.id)
+            )
+            lost = [r.id for r in result]
+            # work-pool items a lost flatmachines worker held go back to pending
+            work.release_claims(conn, lost)
+            return lost
+
+        return await self._write(tx)
+
+    async def workers_exited(self, host: str, pids: Sequence[int]) -> list[str]:
+        """Worker processes known to be dead (their parent reaped them): mark them
+        lost and requeue what they held now, without waiting for the leases."""
+
+        def tx(conn: sa.Connection) -> list[str]:
+            now = utcnow()
+            dead = [
+                r.id
+                for r in conn.execute(
+                    sa.update(workers)
+                    .where(
+                        workers.c.host == host,
+                        workers.c.pid.in_(list(pids)),
+                        workers.c.status.in_(("active", "draining")),
+                    )
+                    .values(status="lost", running=0)
+                    .returning(workers.c.id)
+                )
+            ]
+            if dead:
+                conn.execute(
+                    sa.update(executions)
+                    .where(executions.c.worker_id.in_(dead), executions.c.status == "running")
+                    .values(
+                        status="queued",
+                        fence=executions.c.fence + 1,
+                        recoveries=executions.c.recoveries + 1,
+                        worker_id=None,
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                )
+                work.release_claims(conn, dead)
+            return dead
+
+        return await self._write(tx)
+
+    # ---------------------------------------------------------- leadership
+
+    async def hold_leadership(self, name: str, holder: str, ttl: float) -> int | None:
+        """Take or renew the leader lease ``name``. Returns its fence while
+        ``holder`` leads, None while someone else holds an unexpired lease."""
+
+        def tx(conn: sa.Connection) -> int | None:
+            now = utcnow()
+            until = lease_deadline(now, ttl)
+            row = conn.execute(
+                sa.select(leader_leases).where(leader_leases.c.name == name).with_for_update()
+            ).first()
+            if row is None:
+                fence = conn.scalar(
+                    self._insert(leader_leases)
+                    .values(name=name, holder=holder, fence=1, lease_until=until)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                    .returning(leader_leases.c.fence)
+                )
+                if fence is not None:
+                    return fence
+                # a concurrent first claim won the insert: it may have been ours
+                row = conn.execute(
+                    sa.select(leader_leases).where(leader_leases.c.name == name)
+                ).first()
+                return row.fence if row.holder == holder else None
+            if row.holder == holder and row.lease_until >= now:
+                conn.execute(
+                    sa.update(leader_leases)
+                    .where(leader_leases.c.name == name, leader_leases.c.fence == row.fence)
+                    .values(lease_until=until)
+                )
+                return row.fence
+            if row.lease_until < now:
+                taken = conn.execute(
+                    sa.update(leader_leases)
+                    .where(leader_leases.c.name == name, leader_leases.c.fence == row.fence)
+                    .values(holder=holder, fence=row.fence + 1, lease_until=until)
+                )
+                return row.fence + 1 if taken.rowcount == 1 else None
+            return None
+
+        return await self._write(tx)
+
+    async def resign_leadership(self, name: str, holder: str) -> None:
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(
+                sa.update(leader_leases)
+                .where(leader_leases.c.name == name, leader_leases.c.holder == holder)
+                .values(lease_until=utcnow() - timedelta(seconds=1))
+            )
+
+        await self._write(tx)
+
+    async def leader(self, name: str) -> tuple[str, int] | None:
+        def tx(conn: sa.Connection) -> tuple[str, int] | None:
+            row = conn.execute(
+                sa.select(leader_leases).where(
+                    leader_leases.c.name == name, leader_leases.c.lease_until >= utcnow()
+                )
+            ).first()
+            return (row.holder, row.fence) if row else None
+
+        return await self._read(tx)
+
+    # ----------------------------------------------------------- schedules
+
+    async def add_schedule(
+        self,
+        *,
+        name: str,
+        machine: str,
+        config_hash: str,
+        cron: str,
+        input: dict[str, Any],
+        queue: str,
+        next_fire_at: datetime,
+    ) -> bool:
+        """False if a schedule of that name exists (nothing changes)."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            conn.execute(
+                self._insert(queues)
+                .values(name=queue, created_at=now)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            added = conn.scalar(
+                self._insert(schedules)
+                .values(
+                    name=name,
+                    machine=machine,
+                    config_hash=config_hash,
+                    cron=cron,
+                    input=input,
+                    queue=queue,
+                    next_fire_at=next_fire_at,
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(schedules.c.name)
+            )
+            return added is not None
+
+        return await self._write(tx)
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(sa.select(schedules).order_by(schedules.c.name)).mappings()
+            return [dict(r) for r in rows]
+
+        return await self._read(tx)
+
+    async def remove_schedule(self, name: str) -> bool:
+        def tx(conn: sa.Connection) -> bool:
+            return conn.execute(sa.delete(schedules).where(schedules.c.name == name)).rowcount == 1
+
+        return await self._write(tx)
+
+    async def fire_due_schedules(
+        self, next_fire: Callable[[str, datetime], datetime]
+    ) -> list[tuple[str, datetime, Execution]]:
+        """Submit one execution per due schedule and move it to its next fire time.
+
+        A schedule that missed several ticks fires once, for the latest missed
+        tick. The execution id names the schedule and the tick, so two
+        schedulers (or a retried transaction) can never fire a tick twice.
+        """
+
+        def tx(conn: sa.Connection) -> list[tuple[str, datetime, Execution]]:
+            now = utcnow()
+            due = (
+                conn.execute(
+                    sa.select(schedules)
+                    .where(schedules.c.next_fire_at <= now)
+                    .with_for_update(skip_locked=True)
+                )
+                .mappings()
+                .all()
+            )
+            fired = []
+            for sch in due:
+                tick = sch["next_fire_at"]
+                while (following := next_fire(sch["cron"], tick)) <= now:
+                    tick = following  # missed ticks collapse into the latest one
+                ex_id = f"{sch['name']}@{tick.isoformat(timespec='minutes')}"
+                conn.execute(
+                    self._insert(executions)
+                    .values(
+                        id=ex_id,
+                        machine=sch["machine"],
+                        config_hash=sch["config_hash"],
+                        queue=sch["queue"],
+                        priority=0,
+                        status="queued",
+                        input=sch["input"],
+                        attempt=1,
+                        max_attempts=1,
+                        recoveries=0,
+                        fence=0,
+                        step=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+                conn.execute(
+                    sa.update(schedules)
+                    .where(schedules.c.name == sch["name"])
+                    .values(last_fired_at=tick, next_fire_at=following)
+                )
+                fired.append((sch["name"], tick, self._get(conn, ex_id)))
+            return fired
+
+        return await self._write(tx)
+
+    # ------------------------------------------------------------- scaling
+
+    async def set_queue_policy(
+        self, queue: str, *, min_workers: int, max_workers: int, per_worker: int | None = None
+    ) -> bool:
+        """Set a queue's pool policy, creating the queue. True if it existed."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            existed = conn.scalar(sa.select(queues.c.name).where(queues.c.name == queue))
+            values: dict[str, Any] = dict(min_workers=min_workers, max_workers=max_workers)
+            if per_worker is not None:
+                values["per_worker"] = per_worker
+            if existed is None:
+                conn.execute(sa.insert(queues).values(name=queue, created_at=now, **values))
+            else:
+                conn.execute(sa.update(queues).where(queues.c.name == queue).values(**values))
+            return existed is not None
+
+        return await self._write(tx)
+
+    async def queue_exists(self, queue: str) -> bool:
+        def tx(conn: sa.Connection) -> bool:
+            return conn.scalar(sa.select(queues.c.name).where(queues.c.name == queue)) is not None
+
+        return await self._read(tx)
+
+    async def scaling_snapshot(self) -> list[dict[str, Any]]:
+        """Per queue: policy, runnable backlog, running, and live workers
+        (active, not draining) with how many of them are idle."""
+
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            now = utcnow()
+            out: dict[str, dict[str, Any]] = {}
+            for q in conn.execute(sa.select(queues)).mappings():
+                out[q["name"]] = {
+                    "queue": q["name"],
+                    "min_workers": q["min_workers"],
+                    "max_workers": q["max_workers"],
+                    "per_worker": q["per_worker"],
+                    "last_scaled_at": q["last_scaled_at"],
+                    "paused": bool(q["paused"]),
+                    "backlog": 0,
+                    "running": 0,
+                    "workers": [],
+                }
+            backlog = (
+                sa.select(executions.c.queue, sa.func.count())
+                .where(
+                    executions.c.status == "queued",
+                    sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= now),
+                )
+                .group_by(executions.c.queue)
+            )
+            for name, n in conn.execute(backlog):
+                if name in out:
+                    out[name]["backlog"] = n
+            running = (
+                sa.select(executions.c.queue, sa.func.count())
+                .where(executions.c.status == "running")
+                .group_by(executions.c.queue)
+            )
+            for name, n in conn.execute(running):
+                if name in out:
+                    out[name]["running"] = n
+            live = conn.execute(sa.select(workers).where(workers.c.status == "active")).mappings()
+            for w in live:
+                names = w["queues"]
+                if isinstance(names, str):
+                    names = json.loads(names)
+                for name in names:
+                    if name in out:
+                        out[name]["workers"].append(
+                            {
+                                "id": w["id"],
+                                "host": w["host"],
+                                "pid": w["pid"],
+                                "running": w["running"],
+                            }
+                        )
+            return [out[k] for k in sorted(out)]
+
+        return await self._read(tx)
+
+    async def record_scaling(
+        self, queue: str, *, from_workers: int, to_workers: int, reason: str
+    ) -> None:
+        def tx(conn: sa.Connection) -> None:
+            now = utcnow()
+            conn.execute(
+                sa.insert(scaling_events).values(
+                    queue=queue,
+                    at=now,
+                    from_workers=from_workers,
+                    to_workers=to_workers,
+                    reason=reason,
+                )
+            )
+            conn.execute(sa.update(queues).where(queues.c.name == queue).values(last_scaled_at=now))
+
+        await self._write(tx)
+
+    async def scaling_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                sa.select(scaling_events).order_by(scaling_events.c.id.desc()).limit(limit)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+        return await self._read(tx)
+
+    async def drain_worker(self, worker_id: str) -> bool:
+        """Ask a worker to drain: it sees this with its next heartbeat."""
+
+        def tx(conn: sa.Connection) -> bool:
+            result = conn.execute(
+                sa.update(workers)
+                .where(workers.c.id == worker_id, workers.c.status == "active")
+                .values(status="draining")
             )
             return result.rowcount == 1
 
@@ -723,6 +1224,7 @@ class Store:
                         "workers": 0,
                         "min_workers": 0,
                         "max_workers": 0,
+                        "per_worker": 0,
                         "paused": False,
                     },
                 )
@@ -732,6 +1234,7 @@ class Store:
                 e.update(
                     min_workers=q["min_workers"],
                     max_workers=q["max_workers"],
+                    per_worker=q["per_worker"],
                     paused=bool(q["paused"]),
                 )
             counts = sa.select(executions.c.queue, executions.c.status, sa.func.count()).group_by(

@@ -1,0 +1,63 @@
+"""Autoscaling decisions: a pure function of a queue's state and its policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    queue: str
+    current: int
+    desired: int
+    reason: str
+    spawn: int = 0  # workers to start
+    drain: list[str] = field(default_factory=list)  # idle workers to drain
+
+    @property
+    def changes(self) -> bool:
+        return bool(self.spawn or self.drain)
+
+
+def desired_workers(backlog: int, per_worker: int, min_workers: int, max_workers: int) -> int:
+    """clamp(ceil(backlog / per_worker), min, max)."""
+    wanted = math.ceil(backlog / max(1, per_worker))
+    return max(min_workers, min(max_workers, wanted))
+
+
+def decide(queue: dict[str, Any], *, pending: int, now: datetime, cooldown: float) -> Decision:
+    """What to do for one queue.
+
+    ``queue`` is one entry of Store.scaling_snapshot(); ``pending`` counts
+    workers started but not yet registered. Scale down drains idle workers
+    only, so no running execution is interrupted.
+    """
+    name = queue["queue"]
+    live = queue["workers"]
+    current = len(live) + pending
+    desired = desired_workers(
+        queue["backlog"], queue["per_worker"], queue["min_workers"], queue["max_workers"]
+    )
+    why = (
+        f"backlog {queue['backlog']} at {queue['per_worker']} per worker wants "
+        f"{desired} (min {queue['min_workers']}, max {queue['max_workers']})"
+    )
+    if queue.get("paused") or desired == current:
+        return Decision(name, current, current, why)
+    last = queue.get("last_scaled_at")
+    if last is not None and now - last < timedelta(seconds=cooldown):
+        return Decision(name, current, current, f"{why}; cooling down")
+    if desired > current:
+        return Decision(
+            name, current, desired, f"{why}: start {desired - current}", spawn=desired - current
+        )
+    idle = [w["id"] for w in live if not w["running"]]
+    drain = idle[: current - desired]
+    if not drain:
+        return Decision(name, current, current, f"{why}; no idle worker to drain")
+    return Decision(
+        name, current, current - len(drain), f"{why}: drain {len(drain)} idle", drain=drain
+    )

@@ -1,0 +1,219 @@
+"""The scheduler: APScheduler jobs run by whichever scheduler holds the leader lease.
+
+Several schedulers may run on several hosts; a lease row in the store (with
+its own fence) makes one of them leader, and a standby takes over within one
+lease TTL after the leader dies. Every job renews and checks leadership before
+it acts. Jobs: the reaper (machines/reaper.yml), the autoscaler
+(machines/scaler.yml) and cron schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from flatmachines import FlatMachine, HooksRegistry, MachineHooks
+
+import machines
+
+from .clock import utcnow
+from .cron import next_fire
+from .pool import LocalPool
+from .scaling import Decision, decide
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+LEADER = "scheduler"
+
+
+@dataclass
+class SchedulerOptions:
+    reap_interval: float | None = None  # default ttl/2
+    scale_interval: float = 1.0
+    schedule_interval: float = 1.0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        pool: LocalPool | None = None,
+        options: SchedulerOptions | None = None,
+    ):
+        self.store = store
+        self.settings = settings
+        self.pool = pool
+        self.options = options or SchedulerOptions()
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.fence: int | None = None
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ leadership
+
+    async def check_leadership(self) -> bool:
+        """Take or renew the leader lease; True while this scheduler leads."""
+        try:
+            fence = await self.store.hold_leadership(LEADER, self.id, self.settings.lease_ttl)
+        except Exception:
+            log.exception("leader lease renewal failed")
+            fence = None
+        if fence != self.fence:
+            if fence is None:
+                log.warning("scheduler %s is no longer leader", self.id)
+            else:
+                log.info("scheduler %s is leader (fence %d)", self.id, fence)
+        self.fence = fence
+        return fence is not None
+
+    # ------------------------------------------------------------------ jobs
+
+    async def reap(self) -> dict[str, Any] | None:
+        if not await self.check_leadership():
+            return None
+        return await self._run_machine("reaper", "orch-reaper", ReaperHooks(self))
+
+    async def scale(self) -> dict[str, Any] | None:
+        if self.pool is not None:
+            crashed = [pid for pid, code in self.pool.reap() if code != 0]
+            if crashed:
+                # our own children: we know they are dead, no need to wait for leases
+                for worker_id in await self.store.workers_exited(socket.gethostname(), crashed):
+                    log.warning("worker %s died; its executions are requeued now", worker_id)
+        if not await self.check_leadership():
+            return None
+        return await self._run_machine("scaler", "orch-scaler", ScalerHooks(self))
+
+    async def fire_schedules(self) -> list[tuple[str, Any, Any]]:
+        if not await self.check_leadership():
+            return []
+        fired = await self.store.fire_due_schedules(next_fire)
+        for name, tick, ex in fired:
+            log.info("schedule %s fired for %s: execution %s", name, tick.isoformat(), ex.id)
+        return fired
+
+    async def _run_machine(self, name: str, hooks_name: str, hooks: MachineHooks) -> dict[str, Any]:
+        """One run of a control machine; its states share one hooks object."""
+        registry = HooksRegistry()
+        registry.register(hooks_name, lambda: hooks)
+        machine = FlatMachine(config_file=str(machines.path(name)), hooks_registry=registry)
+        return await machine.execute()
+
+    # ------------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT; then stop the jobs, drain the pool, resign."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        ttl = self.settings.lease_ttl
+        jobs = AsyncIOScheduler(timezone="UTC")
+        common = dict(max_instances=1, coalesce=True, misfire_grace_time=None)
+        jobs.add_job(self.check_leadership, "interval", seconds=ttl / 3, **common)
+        jobs.add_job(self.reap, "interval", seconds=self.options.reap_interval or ttl / 2, **common)
+        jobs.add_job(self.scale, "interval", seconds=self.options.scale_interval, **common)
+        jobs.add_job(
+            self.fire_schedules, "interval", seconds=self.options.schedule_interval, **common
+        )
+        # act at once on start: a schedule missed while no scheduler ran fires now
+        await self.check_leadership()
+        await self.fire_schedules()
+        await self.reap()
+        await self.scale()
+        jobs.start()
+        log.info("scheduler %s running (lease ttl %.1fs)", self.id, ttl)
+        try:
+            await self._stopping.wait()
+        finally:
+            jobs.shutdown(wait=False)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if self.pool is not None:
+                log.info("draining %d pool workers", len(self.pool.children))
+                await asyncio.to_thread(self.pool.stop_all)
+            if self.fence is not None:
+                await self.store.resign_leadership(LEADER, self.id)
+            log.info("scheduler %s stopped", self.id)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class ReaperHooks(MachineHooks):
+    def __init__(self, scheduler: Scheduler):
+        self.s = scheduler
+
+    async def on_action(self, state_name: str, action_name: str, context: dict[str, Any]):
+        store = self.s.store
+        if action_name == "mark_lost_workers":
+            lost = await store.mark_lost_workers(silent_for=self.s.settings.lease_ttl)
+            for worker_id in lost:
+                log.warning("worker %s is lost (no heartbeat for a lease TTL)", worker_id)
+            context["lost_workers"] = lost
+        elif action_name == "requeue_expired":
+            requeued, failed = await store.requeue_expired()
+            for ex_id in requeued:
+                log.info("requeued %s: its lease expired", ex_id)
+            for ex_id in failed:
+                log.warning("failed %s: it crashed its worker too often", ex_id)
+            context["requeued"], context["failed"] = requeued, failed
+        else:
+            raise ValueError(f"reaper machine names unknown action '{action_name}'")
+        return context
+
+
+class ScalerHooks(MachineHooks):
+    def __init__(self, scheduler: Scheduler):
+        self.s = scheduler
+        self._snapshot: list[dict[str, Any]] = []
+        self._pending: dict[str, int] = {}
+        self._decisions: list[Decision] = []
+
+    async def on_action(self, state_name: str, action_name: str, context: dict[str, Any]):
+        pool = self.s.pool
+        if action_name == "observe":
+            self._snapshot = await self.s.store.scaling_snapshot()
+            host = socket.gethostname()
+            for q in self._snapshot:
+                pids = {w["pid"] for w in q["workers"] if w["host"] == host}
+                self._pending[q["queue"]] = pool.pending(q["queue"], pids) if pool else 0
+        elif action_name == "decide":
+            now = utcnow()
+            cooldown = float(context.get("cooldown_seconds") or 0)
+            self._decisions = [
+                decide(q, pending=self._pending.get(q["queue"], 0), now=now, cooldown=cooldown)
+                for q in self._snapshot
+            ]
+            context["decisions"] = [asdict(d) for d in self._decisions]
+        elif action_name == "apply":
+            for d in self._decisions:
+                await self._apply(d)
+        else:
+            raise ValueError(f"scaler machine names unknown action '{action_name}'")
+        return context
+
+    async def _apply(self, d: Decision) -> None:
+        pool = self.s.pool
+        if d.spawn and pool is None:
+            return  # a scheduler without a pool only drains
+        if not d.changes:
+            return
+        for _ in range(d.spawn):
+            pool.spawn(d.queue)  # type: ignore[union-attr]
+        drained = [w for w in d.drain if await self.s.store.drain_worker(w)]
+        to = d.current + d.spawn - len(drained)
+        if to != d.current:
+            log.info("queue '%s': %d -> %d workers (%s)", d.queue, d.current, to, d.reason)
+            await self.s.store.record_scaling(
+                d.queue, from_workers=d.current, to_workers=to, reason=d.reason
+            )

@@ -1,0 +1,196 @@
+"""`orch up` / `orch scheduler` as real process trees: elastic pool, chaos, leader failover."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.settings import Settings
+
+from .conftest import chain_machine, orch_env, run_async, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def submit(db_url: str, machine: Path, inputs: list[dict]) -> list[str]:
+    async def go():
+        async with await Client.open(Settings(database_url=db_url)) as client:
+            return [s.execution.id for s in await client.submit_many(machine, inputs)]
+
+    return run_async(go())
+
+
+class Proc:
+    """An `orch` process tree started in its own session, killed whole at the end."""
+
+    def __init__(self, db_url: str, log: Path, *args: str, **env: str):
+        self.log_path = log
+        self._log = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            env=orch_env(db_url, **env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=log.parent,
+            start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def procs(tmp_path, store):
+    started: list[Proc] = []
+
+    def start(db_url: str, *args: str, **env: str) -> Proc:
+        p = Proc(db_url, tmp_path / f"{args[0]}-{len(started)}.log", *args, **env)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+        p._log.close()
+    # workers orphaned by a killed scheduler: kill what is still ours
+    for w in run_async(store.list_workers()):
+        if w.status in ("active", "draining") and _is_our_worker(w.pid):
+            os.kill(w.pid, signal.SIGKILL)
+
+
+def _is_our_worker(pid: int) -> bool:
+    try:
+        return b"orchestrator.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def live_workers(store) -> list:
+    return [w for w in run_async(store.list_workers()) if w.status == "active"]
+
+
+def effect_counts(effects: Path) -> Counter:
+    if not effects.exists():
+        return Counter()
+    return Counter(tuple(line.split()[:2]) for line in effects.read_text().splitlines())
+
+
+def test_up_grows_the_pool_with_the_backlog_and_shrinks_it_after(db_url, store, tmp_path, procs):
+    effects = tmp_path / "effects.log"
+    machine = chain_machine(tmp_path / "slow.yml", ["slow_add"])
+    ids = submit(db_url, machine, [{"sleep": 0.2}] * 200)
+    up = procs(
+        db_url,
+        "up",
+        "--app",
+        "testapp",
+        "--min",
+        "1",
+        "--max",
+        "4",
+        ORCH_TEST_EFFECTS=str(effects),
+        ORCH_LEASE_TTL="3",
+    )
+    wait_until(lambda: len(live_workers(store)) == 4, timeout=120, what="pool grown to 4")
+    wait_until(
+        lambda: run_async(store.count_by_status()).get("completed") == 200,
+        timeout=300,
+        what="all 200 completed",
+    )
+    wait_until(lambda: len(live_workers(store)) == 1, timeout=120, what="pool back to 1")
+
+    events = run_async(store.scaling_history(limit=50))
+    assert any(e["to_workers"] == 4 and e["from_workers"] < 4 for e in events)
+    assert any(e["to_workers"] < e["from_workers"] for e in events)
+    assert all(e["reason"] for e in events)
+    # no execution was interrupted by a drain: each was claimed once and its state ran once
+    rows = run_async(store.list_executions(limit=500))
+    assert {r.fence for r in rows} == {1} and {r.recoveries for r in rows} == {0}
+    assert set(effect_counts(effects).values()) == {1} and len(effect_counts(effects)) == 200
+    assert {r.id for r in rows} == set(ids)
+
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(timeout=120) == 0
+    assert {w.status for w in run_async(store.list_workers())} == {"stopped"}
+
+
+def test_chaos_workers_killed_every_second_and_a_scheduler_restart(db_url, store, tmp_path, procs):
+    effects = tmp_path / "effects.log"
+    env = {"ORCH_TEST_EFFECTS": str(effects), "ORCH_LEASE_TTL": "2"}
+    machine = chain_machine(tmp_path / "five.yml", ["add", "add", "slow_add", "add", "add"])
+    ids = submit(db_url, machine, [{"sleep": 0.3}] * 150)
+    args = ("up", "--app", "testapp", "--min", "3", "--max", "3")
+    up = procs(db_url, *args, **env)
+    wait_until(lambda: len(live_workers(store)) == 3, timeout=120, what="3 workers")
+
+    rng = random.Random(1)
+    killed = 0
+    for second in range(10):
+        alive = [w for w in live_workers(store) if _is_our_worker(w.pid)]
+        if alive:
+            os.kill(rng.choice(alive).pid, signal.SIGKILL)
+            killed += 1
+        if second == 5:  # the scheduler dies too, and a new one takes over
+            up.proc.kill()
+            up.proc.wait()
+            up = procs(db_url, *args, **env)
+        time.sleep(1)
+    # a second with every worker dead and its replacement still starting kills none
+    assert killed >= 5
+
+    wait_until(
+        lambda: run_async(store.count_by_status()).get("completed") == 150,
+        timeout=600,
+        what="all 150 completed",
+    )
+    rows = {r.id: r for r in run_async(store.list_executions(limit=500))}
+    assert set(rows) == set(ids)
+    assert {r.output["acc"] for r in rows.values()} == {5}
+    # a state whose state_exit committed never ran again: one state_exit per state,
+    # and every run of a state is an `execute` checkpoint of its own
+    runs = effect_counts(effects)
+    for ex_id in ids:
+        history = run_async(store.history(ex_id))
+        exits = Counter(h.state for h in history if h.event == "state_exit")
+        assert all(exits[f"s{i}"] == 1 for i in range(1, 6)), (ex_id, exits)
+        executes = Counter(h.state for h in history if h.event == "execute")
+        for i in range(1, 6):
+            assert runs[(ex_id, f"s{i}")] == executes[f"s{i}"], (ex_id, i)
+    assert sum(r.recoveries for r in rows.values()) >= 1
+
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(timeout=120) == 0
+
+
+def test_standby_scheduler_takes_over_when_the_leader_dies(db_url, store, tmp_path, procs):
+    env = {"ORCH_LEASE_TTL": "2"}
+    first = procs(db_url, "scheduler", **env)
+    wait_until(lambda: run_async(store.leader("scheduler")), what="a leader")
+    second = procs(db_url, "scheduler", **env)
+    wait_until(lambda: "running" in second.log(), what="standby running")
+    holder, fence = run_async(store.leader("scheduler"))
+    assert f"{first.proc.pid}" in holder  # the first stays leader; the standby waits
+    time.sleep(4)  # two lease TTLs of standby renewals: the held lease stays held
+    assert run_async(store.leader("scheduler")) == (holder, fence)
+
+    first.proc.kill()
+    first.proc.wait()
+    new = wait_until(
+        lambda: (lead := run_async(store.leader("scheduler"))) and lead[0] != holder and lead,
+        timeout=30,
+        what="the standby taking over",
+    )
+    assert f"{second.proc.pid}" in new[0] and new[1] == fence + 1
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(timeout=60) == 0
