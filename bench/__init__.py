@@ -1,0 +1,1 @@
+"""flatorch benchmarks (not part of the test run): ``python bench/run.py``."""

@@ -1,0 +1,1 @@
+"""Hooks the benchmark workloads run (``orch worker --app bench.apps.benchapp``)."""
