@@ -33,6 +33,7 @@ class Proc:
     """An `orch` process tree started in its own session, killed whole at the end."""
 
     def __init__(self, db_url: str, log: Path, *args: str, **env: str):
+        self.db_url = db_url
         self.log_path = log
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
@@ -63,10 +64,20 @@ def procs(tmp_path, store):
             p.proc.kill()
             p.proc.wait()
         p._log.close()
-    # workers orphaned by a killed scheduler: kill what is still ours
-    for w in run_async(store.list_workers()):
-        if w.status in ("active", "draining") and _is_our_worker(w.pid):
-            os.kill(w.pid, signal.SIGKILL)
+    # workers orphaned by a killed scheduler: every process still pointed at this
+    # test's database is ours
+    urls = {f"ORCH_DATABASE_URL={p_url}".encode() for p_url in _urls(started)}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            if pid != os.getpid() and set(environ.read_bytes().split(b"\0")) & urls:
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _urls(started: list[Proc]) -> set[str]:
+    return {p.db_url for p in started}
 
 
 def _is_our_worker(pid: int) -> bool:

@@ -131,13 +131,75 @@ class WorkerRecord:
 T = TypeVar("T")
 
 
-def _held(execution_id: str, fence: int) -> sa.ColumnElement[bool]:
+def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
     """The row is still running under this claim: the condition of every fenced write."""
     return sa.and_(
         executions.c.id == execution_id,
         executions.c.fence == fence,
         executions.c.status == "running",
     )
+
+
+# Hot-path statements, built once: SQLAlchemy then reuses their compiled form
+# instead of building and keying a new statement per checkpoint or claim.
+_HELD = _held(sa.bindparam("b_id"), sa.bindparam("b_fence"))
+_SAVE_STEP_AND_STATE = (
+    sa.update(executions)
+    .where(_HELD)
+    .values(
+        updated_at=sa.bindparam("b_now"),
+        step=sa.bindparam("b_step"),
+        current_state=sa.bindparam("b_state"),
+    )
+)
+_SAVE_STEP = (
+    sa.update(executions)
+    .where(_HELD)
+    .values(updated_at=sa.bindparam("b_now"), step=sa.bindparam("b_step"))
+)
+_SAVE_TOUCH = sa.update(executions).where(_HELD).values(updated_at=sa.bindparam("b_now"))
+_INSERT_CHECKPOINT = sa.insert(checkpoints)
+_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit TO OFF")
+_QUEUES = sa.bindparam("b_queues", expanding=True)
+_RUNNABLE_EXPIRED = (
+    sa.select(executions.c.id, executions.c.recoveries)
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.status == "running",
+        executions.c.lease_until < sa.bindparam("b_now"),
+    )
+    .order_by(executions.c.lease_until)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_RUNNABLE_QUEUED = (
+    sa.select(executions.c.id, executions.c.recoveries)
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.status == "queued",
+        sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= sa.bindparam("b_now")),
+    )
+    # ties in created_at (a batch submit) are left to the index order: sorting
+    # them by id would make every claim sort the whole batch
+    .order_by(executions.c.priority.desc(), executions.c.created_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    sa.update(executions)
+    .where(executions.c.id == sa.bindparam("b_id"))
+    .values(
+        status="running",
+        worker_id=sa.bindparam("b_worker"),
+        lease_until=sa.bindparam("b_lease_until"),
+        fence=executions.c.fence + 1,
+        recoveries=executions.c.recoveries + sa.bindparam("b_recovered"),
+        not_before=None,
+        started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(*executions.c)
+)
 
 
 class Store:
@@ -369,46 +431,23 @@ class Store:
 
     # --------------------------------------------------------------- claim
 
-    def _runnable_expired(self, queue_names: Sequence[str], now: datetime):
-        return (
-            sa.select(executions.c.id, executions.c.recoveries)
-            .where(
-                executions.c.queue.in_(queue_names),
-                executions.c.status == "running",
-                executions.c.lease_until < now,
-            )
-            .order_by(executions.c.lease_until)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-
-    def _runnable_queued(self, queue_names: Sequence[str], now: datetime):
-        return (
-            sa.select(executions.c.id, executions.c.recoveries)
-            .where(
-                executions.c.queue.in_(queue_names),
-                executions.c.status == "queued",
-                sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= now),
-            )
-            .order_by(executions.c.priority.desc(), executions.c.created_at, executions.c.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-
     async def claim(self, worker_id: str, queue_names: Sequence[str]) -> Claim | None:
         """Take the best runnable execution: an expired lease first, else the
         highest-priority, oldest due queued row. One transaction; fence += 1."""
         ttl = self.settings.lease_ttl
         cap = self.settings.max_recoveries
 
+        names = list(queue_names)
+
         def tx(conn: sa.Connection) -> Claim | None:
             now = utcnow()
+            params = {"b_queues": names, "b_now": now}
             while True:
                 recovered = True
-                row = (conn.execute(self._runnable_expired(queue_names, now))).first()
+                row = conn.execute(_RUNNABLE_EXPIRED, params).first()
                 if row is None:
                     recovered = False
-                    row = (conn.execute(self._runnable_queued(queue_names, now))).first()
+                    row = conn.execute(_RUNNABLE_QUEUED, params).first()
                 if row is None:
                     return None
                 if recovered and row.recoveries + 1 > cap:
@@ -428,22 +467,15 @@ class Store:
                     )
                     continue
                 claimed = (
-                    (
-                        conn.execute(
-                            sa.update(executions)
-                            .where(executions.c.id == row.id)
-                            .values(
-                                status="running",
-                                worker_id=worker_id,
-                                lease_until=lease_deadline(now, ttl),
-                                fence=executions.c.fence + 1,
-                                recoveries=executions.c.recoveries + (1 if recovered else 0),
-                                not_before=None,
-                                started_at=sa.func.coalesce(executions.c.started_at, now),
-                                updated_at=now,
-                            )
-                            .returning(*executions.c)
-                        )
+                    conn.execute(
+                        _TAKE,
+                        {
+                            "b_id": row.id,
+                            "b_worker": worker_id,
+                            "b_lease_until": lease_deadline(now, ttl),
+                            "b_recovered": 1 if recovered else 0,
+                            "b_now": now,
+                        },
                     )
                     .mappings()
                     .one()
@@ -526,33 +558,43 @@ class Store:
         until the next durable commit.
         """
 
+        if execution_id != owner_id:
+            update = _SAVE_TOUCH  # an inline child: the owner's row only proves the fence
+        elif event in ("machine_start", "machine_end"):
+            # these name pseudo-states ('start', 'end'): keep the last real state
+            update = _SAVE_STEP
+        else:
+            update = _SAVE_STEP_AND_STATE
+        async_commit = not durable and self.dialect == "postgresql"
+
         def tx(conn: sa.Connection) -> None:
-            if not durable and self.dialect == "postgresql":
-                conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
+            if async_commit:
+                conn.execute(_ASYNC_COMMIT)
             now = utcnow()
-            values: dict[str, Any] = {"updated_at": now}
-            if execution_id == owner_id:
-                values["step"] = step
-                # machine_start/machine_end name pseudo-states ('start', 'end');
-                # keep the last real state for `orch show`
-                if event not in ("machine_start", "machine_end"):
-                    values["current_state"] = state
             result = conn.execute(
-                sa.update(executions).where(_held(owner_id, fence)).values(**values)
+                update,
+                {
+                    "b_id": owner_id,
+                    "b_fence": fence,
+                    "b_now": now,
+                    "b_step": step,
+                    "b_state": state,
+                },
             )
             if result.rowcount != 1:
                 raise LeaseLost(owner_id, fence)
             conn.execute(
-                sa.insert(checkpoints).values(
-                    execution_id=execution_id,
-                    key=key,
-                    step=step,
-                    event=event,
-                    state=state,
-                    snapshot=snapshot,
-                    fence=fence,
-                    created_at=now,
-                )
+                _INSERT_CHECKPOINT,
+                {
+                    "execution_id": execution_id,
+                    "key": key,
+                    "step": step,
+                    "event": event,
+                    "state": state,
+                    "snapshot": snapshot,
+                    "fence": fence,
+                    "created_at": now,
+                },
             )
 
         await self._run(tx, write=True, durable=durable)
