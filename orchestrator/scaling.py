@@ -48,7 +48,9 @@ def decide(queue: dict[str, Any], *, pending: int, now: datetime, cooldown: floa
     if queue.get("paused") or desired == current:
         return Decision(name, current, current, why)
     last = queue.get("last_scaled_at")
-    if last is not None and now - last < timedelta(seconds=cooldown):
+    below_min = current < queue["min_workers"]
+    # the cool-down damps elastic moves; lost capacity below min is replaced at once
+    if last is not None and now - last < timedelta(seconds=cooldown) and not below_min:
         return Decision(name, current, current, f"{why}; cooling down")
     if desired > current:
         return Decision(

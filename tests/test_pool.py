@@ -168,8 +168,9 @@ def test_chaos_workers_killed_every_second_and_a_scheduler_restart(db_url, store
     rows = {r.id: r for r in run_async(store.list_executions(limit=500))}
     assert set(rows) == set(ids)
     assert {r.output["acc"] for r in rows.values()} == {5}
-    # a state whose state_exit committed never ran again: one state_exit per state,
-    # and every run of a state is an `execute` checkpoint of its own
+    # a state whose state_exit committed never ran again: one state_exit per state.
+    # Every run of a state follows an `execute` checkpoint of its own (a worker can
+    # die between that checkpoint and the action, so there may be more of those)
     runs = effect_counts(effects)
     for ex_id in ids:
         history = run_async(store.history(ex_id))
@@ -177,7 +178,7 @@ def test_chaos_workers_killed_every_second_and_a_scheduler_restart(db_url, store
         assert all(exits[f"s{i}"] == 1 for i in range(1, 6)), (ex_id, exits)
         executes = Counter(h.state for h in history if h.event == "execute")
         for i in range(1, 6):
-            assert runs[(ex_id, f"s{i}")] == executes[f"s{i}"], (ex_id, i)
+            assert 1 <= runs[(ex_id, f"s{i}")] <= executes[f"s{i}"], (ex_id, i)
     assert sum(r.recoveries for r in rows.values()) >= 1
 
     up.proc.send_signal(signal.SIGINT)

@@ -292,10 +292,18 @@ def test_scale_down_drains_only_idle_workers():
 
 
 def test_cooldown_holds_decisions_then_lets_them_through():
-    recent = queue(backlog=40, last_scaled_at=NOW - timedelta(seconds=3))
+    recent = queue(backlog=40, last_scaled_at=NOW - timedelta(seconds=3), workers=workers_(1))
     assert not decide(recent, pending=0, now=NOW, cooldown=5).changes
     later = decide(recent, pending=0, now=NOW + timedelta(seconds=3), cooldown=5)
-    assert later.spawn == 4
+    assert later.spawn == 3
+
+
+def test_workers_lost_below_min_are_replaced_during_the_cooldown():
+    recent = NOW - timedelta(seconds=1)
+    lost_two = queue(min_workers=3, max_workers=3, last_scaled_at=recent, workers=workers_(1))
+    assert decide(lost_two, pending=0, now=NOW, cooldown=5).spawn == 2
+    at_min = queue(min_workers=1, backlog=40, last_scaled_at=recent, workers=workers_(1))
+    assert not decide(at_min, pending=0, now=NOW, cooldown=5).changes
 
 
 def test_paused_queue_and_policy_in_bounds_change_nothing():
