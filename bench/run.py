@@ -181,6 +181,10 @@ def render(results: list[dict], quick: bool) -> str:
             out.append(
                 f"| {res['id']} | {r['label']} | {fmt_value(r)} | {fmt_target(r)} | {verdict(r)} |"
             )
+    history = BENCH / "OPTIMISATIONS.md"
+    if history.exists() and not quick:
+        # hand-kept: what each optimisation bought, measured as it landed
+        out += ["", history.read_text().strip()]
     skipped = [(res["id"], s) for res in results for s in res["skipped"]]
     failed = [(res["id"], f) for res in results for f in res["failed"]]
     out += ["", "## Skipped peers", ""]

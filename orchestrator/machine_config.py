@@ -145,12 +145,18 @@ class ConfigCache:
 
     def __init__(self) -> None:
         self._parsed: dict[str, dict[str, Any]] = {}
+        self._raw: dict[str, str] = {}
 
     def get(self, hash_key: str) -> dict[str, Any] | None:
         cached = self._parsed.get(hash_key)
         return copy.deepcopy(cached) if cached is not None else None
 
+    def raw(self, hash_key: str) -> str:
+        """The pinned text of a config already ``put``."""
+        return self._raw[hash_key]
+
     def put(self, hash_key: str, raw: str) -> dict[str, Any]:
         parsed = yaml.safe_load(raw)
         self._parsed[hash_key] = parsed
+        self._raw[hash_key] = raw
         return copy.deepcopy(parsed)

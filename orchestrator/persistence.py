@@ -8,19 +8,28 @@ never overwrite the new owner's state.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
 
-from .store import Claim, Store
+from .errors import LeaseLost
+from .store import CheckpointRow, Claim, Store
 
 LATEST = "latest"
 
 # Checkpoints taken before a state runs: progress markers for the timeline. If
-# one is lost in a power cut, resume starts from the state_exit before it and
-# runs the same state again, exactly as it would from the marker.
+# one is lost (a crash before the next durable commit), resume starts from the
+# state_exit before it and runs the same state again, exactly as it would from
+# the marker.
 PROGRESS_EVENTS = frozenset({"machine_start", "state_enter", "execute"})
+
+# How long a progress marker may wait for the next durable commit to carry it.
+# A state that takes longer has its markers written on their own (without
+# waiting for the disk), so the timeline shows what is running now.
+DEFAULT_LINGER = 0.2
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -38,49 +47,137 @@ class FencedPersistence(PersistenceBackend):
     snapshot row *is* the pointer (latest = newest row of the execution), so
     the pair commits in one transaction and the pointer save costs nothing.
 
+    Durability points (``state_exit``, ``waiting``, ``tool_call``, ...) commit
+    before ``save`` returns. Progress markers wait, at most ``linger`` seconds,
+    to ride in the next durable commit's transaction. The owner's last
+    records, its final state's ``state_exit`` and ``machine_end``, wait for the
+    runner, which commits them with the outcome (``take_pending``): nothing
+    runs after a final state but that commit, so this is the final state's
+    durability point. A crash before it runs the final state again. So a
+    fast state costs one commit, not three.
+
     ``resume_snapshot`` lets the runner hand ``FlatMachine.execute(resume_from=)``
     a corrected latest snapshot without writing it (see runner.py).
     """
 
-    def __init__(self, store: Store, claim: Claim):
+    def __init__(self, store: Store, claim: Claim, *, linger: float = DEFAULT_LINGER):
         self.store = store
         self.claim = claim
+        self.linger = linger
         self._last_saved: dict[str, str] = {}
+        self._pending: list[CheckpointRow] = []
+        self._write_lock = asyncio.Lock()  # keeps row ids in save order
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task | None = None
+        self._lost: LeaseLost | None = None  # from a background flush
         self.resume_snapshot: tuple[str, bytes] | None = None
+        # the owner's final states: their state_exit commits with the outcome
+        self.final_states: frozenset[str] = frozenset()
 
     @property
     def owner_id(self) -> str:
         return self.claim.execution.id
 
     async def save(self, key: str, value: bytes) -> None:
+        if self._lost is not None:
+            raise self._lost
         execution_id, name = split_key(key)
         if name == LATEST:
             target = bytes(value).decode("utf-8").strip()
             if self._last_saved.get(execution_id) == target:
-                return  # already the newest row: the pointer committed with it
-            snapshot = await self.store.load_checkpoint(split_key(target)[0], target)
+                return  # already the newest row: the pointer is written with it
+            snapshot = await self.load(target)
             if snapshot is None:
                 raise ValueError(f"latest pointer names a missing snapshot: {target}")
             value, key = snapshot, target
         meta = json.loads(value)
         event = str(meta.get("event") or "unknown")
-        await self.store.save_checkpoint(
-            owner_id=self.owner_id,
-            fence=self.claim.fence,
+        row = CheckpointRow(
             execution_id=execution_id,
             key=key,
             step=int(meta.get("step") or 0),
             event=event,
             state=meta.get("current_state"),
             snapshot=bytes(value),
-            durable=event not in PROGRESS_EVENTS,
         )
         self._last_saved[execution_id] = key
         if execution_id == self.owner_id:
             self.resume_snapshot = None
+        if event in PROGRESS_EVENTS or (
+            execution_id == self.owner_id
+            and (
+                event == "machine_end" or (event == "state_exit" and row.state in self.final_states)
+            )
+        ):
+            self._pending.append(row)
+            if self._timer is None and self._flusher is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.linger, self._start_background_flush)
+            return
+        await self._write(durable=True, extra=row)
+
+    def take_pending(self) -> list[CheckpointRow]:
+        """The rows not yet written, for the caller to commit with the outcome."""
+        self._cancel_timer()
+        rows, self._pending = self._pending, []
+        return rows
+
+    async def flush(self) -> None:
+        """Write what is pending now (not durable: only progress markers wait)."""
+        await self._write(durable=False)
+
+    async def close(self) -> None:
+        """Stop the background flush; anything still pending is dropped."""
+        self._cancel_timer()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except (asyncio.CancelledError, LeaseLost):
+                pass
+        self._pending.clear()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _start_background_flush(self) -> None:
+        self._timer = None
+        self._flusher = asyncio.get_running_loop().create_task(self._background_flush())
+
+    async def _background_flush(self) -> None:
+        try:
+            await self._write(durable=False)
+        except LeaseLost as exc:
+            self._lost = exc  # the next save raises it; the lease keeper cancels the run
+        finally:
+            self._flusher = None
+            if self._pending and self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.linger, self._start_background_flush)
+
+    async def _write(self, *, durable: bool, extra: CheckpointRow | None = None) -> None:
+        async with self._write_lock:
+            rows = self.take_pending()
+            if extra is not None:
+                rows.append(extra)
+            if not rows:
+                return
+            try:
+                await self.store.save_checkpoints(
+                    owner_id=self.owner_id, fence=self.claim.fence, rows=rows, durable=durable
+                )
+            except BaseException:
+                if not durable:
+                    self._pending[:0] = rows  # not written: keep them for the next commit
+                raise
 
     async def load(self, key: str) -> bytes | None:
         execution_id, name = split_key(key)
+        for row in reversed(self._pending):  # written to the store, as far as a reader knows
+            if row.execution_id == execution_id and (name == LATEST or row.key == key):
+                return row.key.encode("utf-8") if name == LATEST else row.snapshot
         if self.resume_snapshot is not None and execution_id == self.owner_id:
             resume_key, resume_bytes = self.resume_snapshot
             if name == LATEST:
@@ -94,12 +191,14 @@ class FencedPersistence(PersistenceBackend):
 
     async def delete(self, key: str) -> None:
         execution_id, name = split_key(key)
+        await self.flush()
         if name != LATEST:
             await self.store.delete_checkpoints(execution_id, key)
 
     async def list_execution_ids(
         self, *, event: str | None = None, waiting_channel: str | None = None
     ) -> list[str]:
+        await self.flush()
         out = []
         for execution_id, raw in await self.store.latest_snapshot_ids():
             if event is None and waiting_channel is None:
@@ -114,6 +213,7 @@ class FencedPersistence(PersistenceBackend):
         return out
 
     async def delete_execution(self, execution_id: str) -> None:
+        await self.flush()
         await self.store.delete_checkpoints(execution_id)
 
 
@@ -129,6 +229,10 @@ class FencedLock(ExecutionLock):
 
     async def acquire(self, key: str) -> bool:
         if key != self.claim.execution.id:
+            return True
+        if time.monotonic() - self.claim.taken_at < self.store.settings.lease_ttl / 3:
+            # taken moments ago and no renewal due yet: the fence holds, and
+            # every write checks it again anyway
             return True
         return await self.store.holds_fence(key, self.claim.fence)
 

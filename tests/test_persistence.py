@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -55,17 +56,78 @@ def test_snapshot_and_pointer_are_one_row_in_one_transaction(store, tmp_path):
     ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
     claim = run_async(store.claim("w", ["default"]))
     backend = FencedPersistence(store, claim)
-    key = f"{ex_id}/step_000001_state_enter.json"
-    snapshot = json.dumps({"step": 1, "event": "state_enter", "current_state": "s1"}).encode()
+    key = f"{ex_id}/step_000001_state_exit.json"
+    snapshot = json.dumps({"step": 1, "event": "state_exit", "current_state": "s1"}).encode()
     run_async(backend.save(key, snapshot))
     run_async(backend.save(f"{ex_id}/latest", key.encode()))  # the library's second save
     assert len(run_async(store.history(ex_id))) == 1
     assert run_async(backend.load(f"{ex_id}/latest")) == key.encode()
     assert run_async(backend.load(key)) == snapshot
-    assert run_async(backend.list_execution_ids(event="state_enter")) == [ex_id]
+    assert run_async(backend.list_execution_ids(event="state_exit")) == [ex_id]
     assert run_async(backend.list_execution_ids(event="machine_end")) == []
     ex = run_async(store.get(ex_id))
     assert (ex.current_state, ex.step) == ("s1", 1)
+
+
+def _snap(ex_id: str, step: int, event: str, state: str) -> tuple[str, bytes]:
+    key = f"{ex_id}/step_{step:06d}_{event}.json"
+    body = {"step": step, "event": event, "current_state": state}
+    return key, json.dumps(body).encode()
+
+
+def test_progress_markers_ride_in_the_next_durable_commit(store, tmp_path):
+    ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
+    claim = run_async(store.claim("w", ["default"]))
+    backend = FencedPersistence(store, claim, linger=3600)
+    enter, execute, exit_ = (
+        _snap(ex_id, 1, e, "s1") for e in ("state_enter", "execute", "state_exit")
+    )
+    run_async(backend.save(*enter))
+    run_async(backend.save(*execute))
+    assert run_async(store.history(ex_id)) == []  # not written yet...
+    assert run_async(backend.load(f"{ex_id}/latest")) == execute[0].encode()  # ...but seen
+    assert run_async(backend.load(enter[0])) == enter[1]
+    run_async(backend.save(*exit_))
+    history = run_async(store.history(ex_id))
+    assert [h.event for h in history] == ["state_enter", "execute", "state_exit"]
+    assert len({h.at for h in history}) == 1  # one transaction
+    assert run_async(store.latest_checkpoint(ex_id)) == exit_
+    run_async(backend.close())
+
+
+def test_a_marker_left_alone_is_written_after_the_linger(store, tmp_path):
+    """A slow state shows in the timeline: its markers do not wait for its exit."""
+    ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
+    claim = run_async(store.claim("w", ["default"]))
+
+    async def go():
+        backend = FencedPersistence(store, claim, linger=0.0)
+        await backend.save(*_snap(ex_id, 1, "state_enter", "s1"))
+        while not await store.history(ex_id):  # the background flush, whenever it runs
+            await asyncio.sleep(0.01)
+        await backend.close()
+
+    run_async(asyncio.wait_for(go(), 60))
+    assert [h.event for h in run_async(store.history(ex_id))] == ["state_enter"]
+    assert run_async(store.get(ex_id)).current_state == "s1"
+
+
+def test_a_marker_flushed_after_its_lease_was_lost_fails_the_next_save(store, tmp_path):
+    ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
+    stale = run_async(store.claim("w", ["default"]))
+    run_async(store.cancel(ex_id))  # the fence moves on, as a takeover moves it
+
+    async def go():
+        backend = FencedPersistence(store, stale, linger=0.0)
+        await backend.save(*_snap(ex_id, 1, "state_enter", "s1"))
+        while backend._lost is None:
+            await asyncio.sleep(0.01)
+        with pytest.raises(LeaseLost):
+            await backend.save(*_snap(ex_id, 1, "state_exit", "s1"))
+        await backend.close()
+
+    run_async(asyncio.wait_for(go(), 60))
+    assert run_async(store.history(ex_id)) == []
 
 
 def test_backend_of_a_lost_claim_refuses_writes(store, tmp_path):
@@ -135,7 +197,8 @@ def test_runner_resumes_after_a_committed_state_with_its_transition(store, tmp_p
     assert ex.status == "completed" and ex.recoveries == 1
 
 
-def test_runner_finishes_a_machine_whose_final_state_exit_committed(store, tmp_path):
+def test_a_crash_before_the_outcome_commits_runs_only_the_final_state_again(store, tmp_path):
+    """The final state's exit commits with the outcome: until then it may run again."""
     machine = chain_machine(tmp_path / "m.yml", ["add"])
     ex_id = submit(store, machine)
     runs: dict = {}
@@ -143,9 +206,54 @@ def test_runner_finishes_a_machine_whose_final_state_exit_committed(store, tmp_p
         claim = run_async(store.claim("w1", ["default"]))
         with pytest.raises(Crash):
             run_async(Runner(store, registry_for(CountingHooks(runs, "done"))).run(claim))
+        events = [(h.event, h.state) for h in run_async(store.history(ex_id))]
+        assert ("state_exit", "s1") in events and ("state_exit", "done") not in events
         clock.tick(store.settings.lease_ttl + 1)
         second = run_async(store.claim("w2", ["default"]))
         outcome = run_async(Runner(store, registry_for(CountingHooks(runs))).run(second))
     assert outcome.output == {"acc": 1, "by": None} and runs == {"s1": 1}
-    events = [h.event for h in run_async(store.history(ex_id))]
-    assert events[-2:] == ["state_exit", "machine_end"]
+    history = run_async(store.history(ex_id))
+    assert [h.event for h in history][-2:] == ["state_exit", "machine_end"]
+    assert sum(h.event == "state_exit" and h.state == "done" for h in history) == 1
+    assert run_async(store.get(ex_id)).status == "completed"
+
+
+class CrashOnceFinalExitIsWritten(CountingHooks):
+    """Crashes in the final state's on_state_exit once its state_exit is in the
+    store (written by the linger flush, as for a slow final state)."""
+
+    def __init__(self, runs: dict, store: Store, ex_id: str):
+        super().__init__(runs)
+        self.store, self.ex_id = store, ex_id
+
+    async def on_state_exit(self, state_name, context, output):
+        if state_name == "done":
+            while not any(
+                h.event == "state_exit" and h.state == "done"
+                for h in await self.store.history(self.ex_id)
+            ):
+                await asyncio.sleep(0.01)
+            raise Crash()
+        return output
+
+
+def test_runner_finishes_a_machine_whose_final_state_exit_was_written(store, tmp_path):
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    ex_id = submit(store, machine)
+    runs: dict = {}
+    with freeze_time("2026-01-01", real_asyncio=True) as clock:
+        claim = run_async(store.claim("w1", ["default"]))
+        crashing = Runner(
+            store, registry_for(CrashOnceFinalExitIsWritten(runs, store, ex_id)), linger=0
+        )
+        with pytest.raises(Crash):
+            run_async(crashing.run(claim))
+        clock.tick(store.settings.lease_ttl + 1)
+        second = run_async(store.claim("w2", ["default"]))
+        outcome = run_async(Runner(store, registry_for(CountingHooks(runs))).run(second))
+    assert outcome.output == {"acc": 1, "by": None} and runs == {"s1": 1}
+    history = run_async(store.history(ex_id))
+    assert [h.event for h in history][-2:] == ["state_exit", "machine_end"]
+    # the final state did not run again: one entry, one exit
+    assert sum(h.event == "state_enter" and h.state == "done" for h in history) == 1
+    assert sum(h.event == "state_exit" and h.state == "done" for h in history) == 1

@@ -1,5 +1,21 @@
 """The shared store: SQLAlchemy schema, migrations and every query."""
 
-from .store import CheckpointRecord, Claim, Execution, NewExecution, Store, WorkerRecord
+from .store import (
+    CheckpointRecord,
+    CheckpointRow,
+    Claim,
+    Execution,
+    NewExecution,
+    Store,
+    WorkerRecord,
+)
 
-__all__ = ["Store", "Execution", "NewExecution", "Claim", "CheckpointRecord", "WorkerRecord"]
+__all__ = [
+    "Store",
+    "Execution",
+    "NewExecution",
+    "Claim",
+    "CheckpointRecord",
+    "CheckpointRow",
+    "WorkerRecord",
+]

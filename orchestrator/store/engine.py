@@ -14,8 +14,9 @@ import os
 import random
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -108,23 +109,27 @@ def create_engine(
     return sa.create_engine(sync_url(url), pool_pre_ping=True, pool_recycle=1800, **pool)
 
 
+_TRANSIENT = (
+    "database is locked",
+    "database table is locked",
+    "deadlock detected",
+    "could not serialize access",
+)
+_DISCONNECTED = (
+    "server closed the connection",
+    "terminating connection",
+    "connection refused",
+    "the connection is closed",
+    "consuming input failed",
+)
+
+
 def _is_transient(exc: DBAPIError) -> bool:
     """Lock contention or a dropped connection: safe to run the transaction again."""
     if exc.connection_invalidated:
         return True
     msg = str(exc.orig).lower()
-    return any(
-        s in msg
-        for s in (
-            "database is locked",
-            "database table is locked",
-            "deadlock detected",
-            "could not serialize access",
-            "server closed the connection",
-            "terminating connection",
-            "connection refused",
-        )
-    )
+    return any(s in msg for s in _TRANSIENT + _DISCONNECTED)
 
 
 def is_readonly_error(exc: BaseException) -> bool:
@@ -164,6 +169,68 @@ def run_transaction(
         time.sleep(delay * (0.5 + random.random()))
         delay = min(delay * 2, 0.5)
     raise AssertionError("unreachable")
+
+
+class Driver:
+    """The few hot statements, on the driver's own cursor.
+
+    A checkpoint commit is a handful of fixed statements; through SQLAlchemy's
+    Core each costs more in Python than SQLite spends executing it. Statements
+    here are written once with ``?`` placeholders and handed to the driver
+    as they are (sqlite3) or with ``%s`` (psycopg); times go in as the column
+    type would store them.
+    """
+
+    def __init__(self, engine: sa.Engine):
+        self.engine = engine
+        self.sqlite = engine.dialect.name == "sqlite"
+        self._dbapi_error = engine.dialect.loaded_dbapi.Error
+
+    def sql(self, text: str) -> str:
+        return text if self.sqlite else text.replace("?", "%s")
+
+    def time(self, value: datetime) -> object:
+        # SQLAlchemy's SQLite DATETIME text, so raw and Core rows compare alike
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else value
+
+    def run(self, fn: Callable[[Any], T], *, write: bool, attempts: int = 30) -> T:
+        """``fn(cursor)`` in one transaction, with run_transaction's retries."""
+        delay = 0.005
+        for attempt in range(1, attempts + 1):
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                try:
+                    if self.sqlite:
+                        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    result = fn(cur)
+                    raw.commit()
+                    return result
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        raw.rollback()
+                    raise
+                finally:
+                    with contextlib.suppress(Exception):
+                        cur.close()
+            except self._dbapi_error as exc:
+                msg = str(exc).lower()
+                if is_readonly_error(exc):
+                    raise UserError(
+                        f"the database is read-only ({exc}); give a writable file with --db"
+                    ) from None
+                if any(s in msg for s in _DISCONNECTED):
+                    raw.invalidate()
+                elif attempt == attempts or not any(s in msg for s in _TRANSIENT):
+                    raise
+                if attempt == attempts:
+                    raise
+            finally:
+                raw.close()
+            log.debug("transient database error, retry %d", attempt)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- migrations

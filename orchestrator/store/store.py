@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -98,6 +99,20 @@ class Claim:
     worker_id: str
     fence: int
     recovered: bool  # taken over from an expired lease
+    # when this process took it (time.monotonic), to know a lease is still young
+    taken_at: float = field(default_factory=time.monotonic, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    """One snapshot to write: the library's key and its parsed header fields."""
+
+    execution_id: str
+    key: str
+    step: int
+    event: str
+    state: str | None
+    snapshot: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,26 +155,8 @@ def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
     )
 
 
-# Hot-path statements, built once: SQLAlchemy then reuses their compiled form
-# instead of building and keying a new statement per checkpoint or claim.
-_HELD = _held(sa.bindparam("b_id"), sa.bindparam("b_fence"))
-_SAVE_STEP_AND_STATE = (
-    sa.update(executions)
-    .where(_HELD)
-    .values(
-        updated_at=sa.bindparam("b_now"),
-        step=sa.bindparam("b_step"),
-        current_state=sa.bindparam("b_state"),
-    )
-)
-_SAVE_STEP = (
-    sa.update(executions)
-    .where(_HELD)
-    .values(updated_at=sa.bindparam("b_now"), step=sa.bindparam("b_step"))
-)
-_SAVE_TOUCH = sa.update(executions).where(_HELD).values(updated_at=sa.bindparam("b_now"))
-_INSERT_CHECKPOINT = sa.insert(checkpoints)
-_ASYNC_COMMIT = sa.text("SET LOCAL synchronous_commit TO OFF")
+# The claim's statements, built once: SQLAlchemy then reuses their compiled
+# form instead of building and keying new statements per claim.
 _QUEUES = sa.bindparam("b_queues", expanding=True)
 _RUNNABLE_EXPIRED = (
     sa.select(executions.c.id, executions.c.recoveries)
@@ -202,6 +199,63 @@ _TAKE = (
 )
 
 
+# The hot path on the driver's cursor (engine.Driver): a checkpoint commit and
+# the outcome. Same statements as the Core ones above, without the Core.
+_RAW_HELD = "WHERE id = ? AND fence = ? AND status = 'running'"
+_RAW_SAVE_STEP_AND_STATE = (
+    f"UPDATE executions SET updated_at = ?, step = ?, current_state = ? {_RAW_HELD}"
+)
+_RAW_SAVE_STEP = f"UPDATE executions SET updated_at = ?, step = ? {_RAW_HELD}"
+_RAW_SAVE_TOUCH = f"UPDATE executions SET updated_at = ? {_RAW_HELD}"
+_RAW_INSERT_CHECKPOINT = (
+    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_RAW_FINISH = (
+    "UPDATE executions SET status = ?, output = {json}, error = ?, lease_until = NULL,"
+    f" updated_at = ?, finished_at = ? {_RAW_HELD}"
+)
+_RAW_COUNT = "UPDATE workers SET {col} = {col} + 1 WHERE id = ?"
+
+
+def _fenced_touch(
+    cur: Any,
+    drv: eng.Driver,
+    owner_id: str,
+    fence: int,
+    rows: Sequence[CheckpointRow],
+    now: Any,
+) -> None:
+    """The fence check of a checkpoint write, which also moves the execution's
+    step and current state to the newest of ``rows``. LeaseLost if not held."""
+    own = [r for r in rows if r.execution_id == owner_id]
+    # an inline child's rows only prove the fence on the owner's row
+    sql, params = _RAW_SAVE_TOUCH, (now, owner_id, fence)
+    if own:
+        # machine_start/machine_end name pseudo-states ('start', 'end'): keep the last real one
+        real = [r for r in own if r.event not in ("machine_start", "machine_end")]
+        if real:
+            sql, params = (
+                _RAW_SAVE_STEP_AND_STATE,
+                (now, real[-1].step, real[-1].state) + params[1:],
+            )
+        else:
+            sql, params = _RAW_SAVE_STEP, (now, own[-1].step) + params[1:]
+    cur.execute(drv.sql(sql), params)
+    if cur.rowcount != 1:
+        raise LeaseLost(owner_id, fence)
+
+
+def _insert_checkpoints(
+    cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any
+) -> None:
+    # in order: ids follow the save order (latest = max id)
+    cur.executemany(
+        drv.sql(_RAW_INSERT_CHECKPOINT),
+        [(r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence, now) for r in rows],
+    )
+
+
 class Store:
     """The shared store: one engine, every query.
 
@@ -223,6 +277,10 @@ class Store:
         )
         self.settings = settings
         self.dialect = url.get_backend_name()
+        self.driver = eng.Driver(self.engine)
+        self.progress_driver = eng.Driver(self.progress_engine)
+        # a JSON value goes in as text; PostgreSQL's json column wants it cast
+        self._json_param = "?" if self.dialect == "sqlite" else "CAST(? AS json)"
         self._threads = ThreadPoolExecutor(eng.POOL_SIZE, thread_name_prefix="store")
 
     # ------------------------------------------------------------ lifecycle
@@ -276,6 +334,9 @@ class Store:
         return await asyncio.get_running_loop().run_in_executor(
             self._threads, lambda: eng.run_transaction(engine, fn, write=write)
         )
+
+    async def _loop_run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
     async def _write(self, fn: Callable[[sa.Connection], T]) -> T:
         return await self._run(fn, write=True)
@@ -550,54 +611,35 @@ class Store:
         snapshot: bytes,
         durable: bool = True,
     ) -> None:
-        """Commit one snapshot, fenced by the owning execution's claim.
+        """Commit one snapshot, fenced by the owning execution's claim (see
+        ``save_checkpoints``)."""
+        row = CheckpointRow(execution_id, key, step, event, state, snapshot)
+        await self.save_checkpoints(owner_id=owner_id, fence=fence, rows=[row], durable=durable)
 
-        The snapshot row is also the latest pointer (latest = highest id), so a
-        snapshot and its pointer are one insert in one transaction. A durable
-        snapshot is on disk when this returns; a progress marker may trail it
-        until the next durable commit.
+    async def save_checkpoints(
+        self, *, owner_id: str, fence: int, rows: Sequence[CheckpointRow], durable: bool = True
+    ) -> None:
+        """Commit snapshots in order, in one transaction fenced by the owner's claim.
+
+        A snapshot row is also the latest pointer (latest = highest id), so a
+        snapshot and its pointer are one insert. A durable save is on disk when
+        this returns; a non-durable one (progress markers) may trail it until
+        the next durable commit, which flushes the log through it.
         """
-
-        if execution_id != owner_id:
-            update = _SAVE_TOUCH  # an inline child: the owner's row only proves the fence
-        elif event in ("machine_start", "machine_end"):
-            # these name pseudo-states ('start', 'end'): keep the last real state
-            update = _SAVE_STEP
-        else:
-            update = _SAVE_STEP_AND_STATE
+        if not rows:
+            return
         async_commit = not durable and self.dialect == "postgresql"
 
-        def tx(conn: sa.Connection) -> None:
-            if async_commit:
-                conn.execute(_ASYNC_COMMIT)
-            now = utcnow()
-            result = conn.execute(
-                update,
-                {
-                    "b_id": owner_id,
-                    "b_fence": fence,
-                    "b_now": now,
-                    "b_step": step,
-                    "b_state": state,
-                },
-            )
-            if result.rowcount != 1:
-                raise LeaseLost(owner_id, fence)
-            conn.execute(
-                _INSERT_CHECKPOINT,
-                {
-                    "execution_id": execution_id,
-                    "key": key,
-                    "step": step,
-                    "event": event,
-                    "state": state,
-                    "snapshot": snapshot,
-                    "fence": fence,
-                    "created_at": now,
-                },
-            )
+        drv = self.driver if durable else self.progress_driver
 
-        await self._run(tx, write=True, durable=durable)
+        def tx(cur: Any) -> None:
+            if async_commit:
+                cur.execute("SET LOCAL synchronous_commit TO OFF")
+            now = drv.time(utcnow())
+            _fenced_touch(cur, drv, owner_id, fence, rows, now)
+            _insert_checkpoints(cur, drv, rows, fence, now)
+
+        await self._loop_run(lambda: drv.run(tx, write=True))
 
     async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
         stmt = (
@@ -663,30 +705,33 @@ class Store:
         status: str,
         output: Any = None,
         error: str | None = None,
+        checkpoints: Sequence[CheckpointRow] = (),
     ) -> None:
-        """Record a final outcome (completed | failed) or park (waiting), fenced."""
+        """Record a final outcome (completed | failed) or park (waiting), fenced.
+
+        ``checkpoints`` not yet written (the run's last progress markers and its
+        ``machine_end``) commit in the same transaction, ahead of the outcome."""
         assert status in ("completed", "failed", "waiting")
         counter = {"completed": "completed", "failed": "failed"}.get(status)
+        drv = self.driver
+        finish = drv.sql(_RAW_FINISH.format(json=self._json_param))
+        count = drv.sql(_RAW_COUNT.format(col=counter)) if counter else None
+        output_json = None if output is None else json.dumps(output)
+        ex_id, fence = claim.execution.id, claim.fence
 
-        def tx(conn: sa.Connection) -> None:
-            now = utcnow()
-            values: dict[str, Any] = dict(
-                status=status, output=output, error=error, lease_until=None, updated_at=now
-            )
-            if status != "waiting":
-                values["finished_at"] = now
-            result = conn.execute(
-                sa.update(executions).where(_held(claim.execution.id, claim.fence)).values(**values)
-            )
-            if result.rowcount != 1:
-                raise LeaseLost(claim.execution.id, claim.fence)
-            if counter:
-                col = workers.c[counter]
-                conn.execute(
-                    sa.update(workers).where(workers.c.id == claim.worker_id).values({col: col + 1})
-                )
+        def tx(cur: Any) -> None:
+            now = drv.time(utcnow())
+            finished = None if status == "waiting" else now
+            if checkpoints:  # while the row is still running: the fence, step and state
+                _fenced_touch(cur, drv, ex_id, fence, checkpoints, now)
+                _insert_checkpoints(cur, drv, checkpoints, fence, now)
+            cur.execute(finish, (status, output_json, error, now, finished, ex_id, fence))
+            if cur.rowcount != 1:
+                raise LeaseLost(ex_id, fence)
+            if count:
+                cur.execute(count, (claim.worker_id,))
 
-        await self._write(tx)
+        await self._loop_run(lambda: drv.run(tx, write=True))
 
     async def release(self, claim: Claim) -> bool:
         """Give a running execution back to its queue (drain); it resumes from
