@@ -37,3 +37,33 @@ def test_upgrade_is_idempotent(store):
     finally:
         engine.dispose()
     assert set(metadata.tables) <= tables
+
+
+def test_the_claim_reads_the_queue_in_index_order(store):
+    """No sort of the backlog per claim: the index orders priority DESC, created_at."""
+    from sqlalchemy.dialects import sqlite
+
+    from orchestrator.clock import utcnow
+    from orchestrator.store import store as st
+
+    engine = eng.create_engine(store.url, pooled=False)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                ddl = conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE name = 'ix_executions_claim'"
+                ).scalar()
+                claim = st._RUNNABLE_QUEUED.params(b_queues=["default"], b_now=utcnow())
+                sql = str(
+                    claim.compile(dialect=sqlite.dialect(), compile_kwargs={"literal_binds": True})
+                ).replace(" FOR UPDATE", "")
+                plan = " ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+                assert "ix_executions_claim" in plan and "TEMP B-TREE" not in plan, plan
+            else:
+                ddl = conn.exec_driver_sql(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_executions_claim'"
+                    " AND schemaname = current_schema()"
+                ).scalar()  # (PostgreSQL's plan depends on the table's size: check the DDL)
+    finally:
+        engine.dispose()
+    assert "priority DESC" in ddl, ddl
