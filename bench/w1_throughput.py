@@ -494,8 +494,9 @@ def run(cfg: Config) -> WorkloadResult:
         "Figures are wall-clock seconds from the first submit to the last completion "
         "(median of the repeats); throughput = executions / median seconds.",
         "Durability differs by default and is left at each peer's default: flatorch "
-        "commits state_exit/machine_end checkpoints with SQLite synchronous=FULL (progress "
-        "markers with OFF); flatmachines' SQLite backends use synchronous=NORMAL; DBOS "
+        "commits every state_exit with SQLite synchronous=FULL before the next state "
+        "starts (progress markers ride in that commit); flatmachines' SQLite backends "
+        "use synchronous=NORMAL; DBOS "
         "uses its own defaults. W2 compares checkpoint cost at equal durability.",
         "DBOS's queue polls every polling_interval_sec (1 s by default) and starts at "
         "most worker_concurrency workflows per poll, which bounds (b) at about "

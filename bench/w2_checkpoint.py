@@ -13,9 +13,11 @@ execution after another, with durable checkpoints.
 
 Equal durability: both sides run at the same SQLite ``synchronous`` level, once
 per level in ``w2_sync_levels`` (FULL is flatorch's default, NORMAL flatmachines').
-flatorch commits its progress markers (machine_start/state_enter/execute) with
-synchronous=OFF at every level: they are not resume points (see
-orchestrator/persistence.py); state_exit and machine_end commit at the level.
+At every level each state's state_exit commits at that level before the next
+state starts. flatorch's progress markers (machine_start/state_enter/execute) are
+not resume points (see orchestrator/persistence.py): they ride in the next
+state_exit's transaction, or commit alone with synchronous=OFF after 0.2 s. The
+final state's state_exit and machine_end commit with the outcome.
 Each side runs in a fresh interpreter; a few warm-up executions are not timed.
 """
 
