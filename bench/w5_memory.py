@@ -3,9 +3,13 @@ executions vs after 100.
 
 The executions (the 3-step workflow) are submitted to a fresh SQLite store
 first; then one worker process (``--concurrency w5_concurrency``) runs them all
-and exits (``--burst``). Its peak RSS is the kernel's ``ru_maxrss`` for the child
-(os.wait4), and VmRSS is sampled from /proc/<pid>/status while it runs. Target:
-peak after 10,000 at most 20 % above peak after 100.
+and exits (``--burst``). Its peak RSS is the highest VmHWM read from
+/proc/<pid>/status while it runs (every 0.25 s). VmHWM belongs to the process's
+own address space since its exec. The kernel's ``ru_maxrss`` (os.wait4) is kept
+for reference only: Linux carries the spawning process's high-water mark across
+fork and exec into it, so it reports this harness's size (which grows with the
+executions it submits and checks) as much as the worker's. Target: peak after
+10,000 at most 20 % above peak after 100.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def burst(cfg: Config, n: int) -> dict[str, Any]:
             db_url, tmp / "worker.log", "--burst", "--concurrency", str(cfg.w5_concurrency)
         )
         samples: list[int] = []
+        hwm = 0
         deadline = time.monotonic() + cfg.child_timeout
         t0 = time.monotonic()
         status = rusage = None
@@ -68,9 +73,10 @@ def burst(cfg: Config, n: int) -> dict[str, Any]:
                 pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
                 if pid:
                     break
-                rss = proc_status(proc.pid).get("VmRSS")
-                if rss:
-                    samples.append(rss)
+                status_now = proc_status(proc.pid)
+                if status_now.get("VmRSS"):
+                    samples.append(status_now["VmRSS"])
+                hwm = max(hwm, status_now.get("VmHWM", 0))
                 if time.monotonic() > deadline:
                     proc.kill()
                     raise TimeoutError(f"worker still running after {cfg.child_timeout:.0f}s")
@@ -88,8 +94,11 @@ def burst(cfg: Config, n: int) -> dict[str, Any]:
         counts = asyncio.run(_completed(db_url))
         if counts.get("completed", 0) != n:
             raise RuntimeError(f"expected {n} completed, store says {counts}")
+        if not hwm:
+            raise RuntimeError("the worker exited before its memory could be read")
         return {
-            "peak_kib": rusage.ru_maxrss,  # Linux: kilobytes
+            "peak_kib": hwm,
+            "ru_maxrss_kib": rusage.ru_maxrss,  # Linux: kilobytes; see the module doc
             "last_rss_kib": samples[-1] if samples else None,
             "first_rss_kib": samples[0] if samples else None,
             "seconds": seconds,
@@ -124,7 +133,9 @@ def run(cfg: Config) -> WorkloadResult:
                 continue
             runs[n].append(out)
             print(
-                f"    peak {out['peak_kib'] / 1024:.1f} MiB in {out['seconds']:.1f} s", flush=True
+                f"    peak {out['peak_kib'] / 1024:.1f} MiB (ru_maxrss "
+                f"{out['ru_maxrss_kib'] / 1024:.1f}) in {out['seconds']:.1f} s",
+                flush=True,
             )
     for n in (small, large):
         if runs[n]:
@@ -138,6 +149,9 @@ def run(cfg: Config) -> WorkloadResult:
                 (o["last_rss_kib"] or 0) / 1024 for o in runs[n] if o["last_rss_kib"]
             ]
             row["executions_per_s"] = [n / o["seconds"] for o in runs[n]]
+            row["note"] = "ru_maxrss (inflated by the harness, see notes) " + ", ".join(
+                f"{o['ru_maxrss_kib'] / 1024:.1f}" for o in runs[n]
+            )
     growth = ratio_of(
         (result.get(f"peak-{large}") or {}).get("median"),
         (result.get(f"peak-{small}") or {}).get("median"),
@@ -148,6 +162,11 @@ def run(cfg: Config) -> WorkloadResult:
         20.0,
         op="<=",
         unit="%",
+    )
+    result.notes.append(
+        "Peak = the highest VmHWM of the worker's own address space, sampled every "
+        f"{SAMPLE} s. ru_maxrss is not used: Linux carries the spawning process's "
+        "high-water mark across fork and exec, so it reports the harness's size too."
     )
     result.notes.append(
         "executions/s here includes the worker's start-up (imports, migration check), "

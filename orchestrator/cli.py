@@ -561,23 +561,28 @@ def queues(ctx, as_json):
     run(body)
 
 
+def _change_execution(ctx, execution_id: str, as_json: bool, change, describe) -> None:
+    """One control verb on one execution: ``change(client, id)``, then print it."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            ex = await change(client, execution_id)
+        if as_json:
+            emit_json(execution_json(ex))
+        else:
+            click.echo(describe(ex))
+
+    run(body)
+
+
 @cli.command()
 @click.argument("execution_id")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def cancel(ctx, execution_id, as_json):
     """Cancel an execution that has not finished; its worker abandons it."""
-    settings = settings_from(ctx)
-
-    async def body() -> None:
-        async with await Client.open(settings) as client:
-            ex = await client.cancel(execution_id)
-        if as_json:
-            emit_json(execution_json(ex))
-        else:
-            click.echo(f"{ex.id} {ex.status}")
-
-    run(body)
+    _change_execution(ctx, execution_id, as_json, Client.cancel, lambda ex: f"{ex.id} {ex.status}")
 
 
 @cli.command()
@@ -586,17 +591,13 @@ def cancel(ctx, execution_id, as_json):
 @click.pass_context
 def retry(ctx, execution_id, as_json):
     """Resume a failed or cancelled execution from its last checkpoint."""
-    settings = settings_from(ctx)
-
-    async def body() -> None:
-        async with await Client.open(settings) as client:
-            ex = await client.retry(execution_id)
-        if as_json:
-            emit_json(execution_json(ex))
-        else:
-            click.echo(f"{ex.id} {ex.status} (attempt {ex.attempt})")
-
-    run(body)
+    _change_execution(
+        ctx,
+        execution_id,
+        as_json,
+        Client.retry,
+        lambda ex: f"{ex.id} {ex.status} (attempt {ex.attempt})",
+    )
 
 
 @cli.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
@@ -17,6 +18,8 @@ from flatmachines.persistence import config_hash
 
 from .errors import LeaseLost
 from .store import CheckpointRow, Claim, Store
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 
@@ -116,8 +119,13 @@ class FencedPersistence(PersistenceBackend):
             return
         await self._write(durable=True, extra=row)
 
-    def take_pending(self) -> list[CheckpointRow]:
-        """The rows not yet written, for the caller to commit with the outcome."""
+    async def take_pending(self) -> list[CheckpointRow]:
+        """The rows not yet written, for the caller to commit with the outcome
+        (after any write in flight, so row ids keep the save order)."""
+        async with self._write_lock:
+            return self._take()
+
+    def _take(self) -> list[CheckpointRow]:
         self._cancel_timer()
         rows, self._pending = self._pending, []
         return rows
@@ -151,6 +159,8 @@ class FencedPersistence(PersistenceBackend):
             await self._write(durable=False)
         except LeaseLost as exc:
             self._lost = exc  # the next save raises it; the lease keeper cancels the run
+        except Exception as exc:  # the rows stay pending: the next commit carries them
+            log.warning("progress markers of %s not written yet: %s", self.owner_id, exc)
         finally:
             self._flusher = None
             if self._pending and self._timer is None:
@@ -159,7 +169,7 @@ class FencedPersistence(PersistenceBackend):
 
     async def _write(self, *, durable: bool, extra: CheckpointRow | None = None) -> None:
         async with self._write_lock:
-            rows = self.take_pending()
+            rows = self._take()
             if extra is not None:
                 rows.append(extra)
             if not rows:
@@ -174,6 +184,10 @@ class FencedPersistence(PersistenceBackend):
                 raise
 
     async def load(self, key: str) -> bytes | None:
+        async with self._write_lock:  # not between a write's take and its commit
+            return await self._load(key)
+
+    async def _load(self, key: str) -> bytes | None:
         execution_id, name = split_key(key)
         for row in reversed(self._pending):  # written to the store, as far as a reader knows
             if row.execution_id == execution_id and (name == LATEST or row.key == key):

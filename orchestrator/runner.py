@@ -137,7 +137,7 @@ class Runner:
                 status=outcome.status,
                 output=_jsonable(outcome.output),
                 error=outcome.error,
-                checkpoints=persistence.take_pending(),
+                checkpoints=await persistence.take_pending(),
             )
         except LeaseLost:
             return Outcome("lost")

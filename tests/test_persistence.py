@@ -197,20 +197,32 @@ def test_runner_resumes_after_a_committed_state_with_its_transition(store, tmp_p
     assert ex.status == "completed" and ex.recoveries == 1
 
 
+def crash_and_resume(store: Store, crashing: Runner, runs: dict, *, between=None):
+    """``crashing`` runs the execution until its hook kills the 'process'; once
+    the lease expires another worker takes it over. Returns that run's outcome."""
+    with freeze_time("2026-01-01", real_asyncio=True) as clock:
+        claim = run_async(store.claim("w1", ["default"]))
+        with pytest.raises(Crash):
+            run_async(crashing.run(claim))
+        if between is not None:
+            between()
+        clock.tick(store.settings.lease_ttl + 1)
+        second = run_async(store.claim("w2", ["default"]))
+        return run_async(Runner(store, registry_for(CountingHooks(runs))).run(second))
+
+
 def test_a_crash_before_the_outcome_commits_runs_only_the_final_state_again(store, tmp_path):
     """The final state's exit commits with the outcome: until then it may run again."""
     machine = chain_machine(tmp_path / "m.yml", ["add"])
     ex_id = submit(store, machine)
     runs: dict = {}
-    with freeze_time("2026-01-01", real_asyncio=True) as clock:
-        claim = run_async(store.claim("w1", ["default"]))
-        with pytest.raises(Crash):
-            run_async(Runner(store, registry_for(CountingHooks(runs, "done"))).run(claim))
+
+    def first_run_left():
         events = [(h.event, h.state) for h in run_async(store.history(ex_id))]
         assert ("state_exit", "s1") in events and ("state_exit", "done") not in events
-        clock.tick(store.settings.lease_ttl + 1)
-        second = run_async(store.claim("w2", ["default"]))
-        outcome = run_async(Runner(store, registry_for(CountingHooks(runs))).run(second))
+
+    crashing = Runner(store, registry_for(CountingHooks(runs, "done")))
+    outcome = crash_and_resume(store, crashing, runs, between=first_run_left)
     assert outcome.output == {"acc": 1, "by": None} and runs == {"s1": 1}
     history = run_async(store.history(ex_id))
     assert [h.event for h in history][-2:] == ["state_exit", "machine_end"]
@@ -241,19 +253,61 @@ def test_runner_finishes_a_machine_whose_final_state_exit_was_written(store, tmp
     machine = chain_machine(tmp_path / "m.yml", ["add"])
     ex_id = submit(store, machine)
     runs: dict = {}
-    with freeze_time("2026-01-01", real_asyncio=True) as clock:
-        claim = run_async(store.claim("w1", ["default"]))
-        crashing = Runner(
-            store, registry_for(CrashOnceFinalExitIsWritten(runs, store, ex_id)), linger=0
-        )
-        with pytest.raises(Crash):
-            run_async(crashing.run(claim))
-        clock.tick(store.settings.lease_ttl + 1)
-        second = run_async(store.claim("w2", ["default"]))
-        outcome = run_async(Runner(store, registry_for(CountingHooks(runs))).run(second))
+    hooks = CrashOnceFinalExitIsWritten(runs, store, ex_id)
+    outcome = crash_and_resume(store, Runner(store, registry_for(hooks), linger=0), runs)
     assert outcome.output == {"acc": 1, "by": None} and runs == {"s1": 1}
     history = run_async(store.history(ex_id))
     assert [h.event for h in history][-2:] == ["state_exit", "machine_end"]
     # the final state did not run again: one entry, one exit
     assert sum(h.event == "state_enter" and h.state == "done" for h in history) == 1
     assert sum(h.event == "state_exit" and h.state == "done" for h in history) == 1
+
+
+class GatedStore:
+    """The real store, with the background (non-durable) writes held at a gate."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.gate = asyncio.Event()
+        self.held = asyncio.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    async def save_checkpoints(self, **kw):
+        if not kw["durable"]:
+            self.held.set()
+            await self.gate.wait()
+        return await self.store.save_checkpoints(**kw)
+
+
+def test_the_outcome_waits_for_a_marker_flush_in_flight(store, tmp_path):
+    """Row ids follow the save order (latest = max id) even when the outcome's
+    records are taken while a background flush is still writing."""
+    ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
+    claim = run_async(store.claim("w", ["default"]))
+
+    async def go():
+        gated = GatedStore(store)
+        backend = FencedPersistence(gated, claim, linger=0.0)
+        backend.final_states = frozenset({"done"})
+        await backend.save(*_snap(ex_id, 1, "state_enter", "done"))
+        await gated.held.wait()  # the flush took the marker and is writing it
+        await backend.save(*_snap(ex_id, 1, "state_exit", "done"))
+        await backend.save(*_snap(ex_id, 1, "machine_end", "end"))
+        taking = asyncio.ensure_future(backend.take_pending())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not taking.done()  # blocked behind the write in flight
+        gated.gate.set()
+        rows = await taking
+        assert [r.event for r in rows] == ["state_exit", "machine_end"]
+        await store.finish(claim, status="completed", output={}, checkpoints=rows)
+        await backend.close()
+
+    run_async(asyncio.wait_for(go(), 60))
+    history = run_async(store.history(ex_id))
+    assert [h.event for h in history] == ["state_enter", "state_exit", "machine_end"]
+    assert run_async(store.latest_checkpoint(ex_id))[0].endswith("machine_end.json")
+    ex = run_async(store.get(ex_id))
+    assert (ex.status, ex.current_state) == ("completed", "done")
