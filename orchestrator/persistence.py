@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from datetime import UTC, datetime
 
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
@@ -102,6 +103,7 @@ class FencedPersistence(PersistenceBackend):
             event=event,
             state=meta.get("current_state"),
             snapshot=bytes(value),
+            at=_taken_at(meta.get("created_at")),
         )
         self._last_saved[execution_id] = key
         if execution_id == self.owner_id:
@@ -229,6 +231,17 @@ class FencedPersistence(PersistenceBackend):
     async def delete_execution(self, execution_id: str) -> None:
         await self.flush()
         await self.store.delete_checkpoints(execution_id)
+
+
+def _taken_at(raw: object) -> datetime | None:
+    """The snapshot's own ISO timestamp as naive UTC (the store's convention)."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        at = datetime.fromisoformat(raw)
+    except ValueError:
+        return None
+    return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
 
 class FencedLock(ExecutionLock):

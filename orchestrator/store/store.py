@@ -113,6 +113,8 @@ class CheckpointRow:
     event: str
     state: str | None
     snapshot: bytes
+    # when the machine took it (naive UTC); None: when it commits
+    at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,10 +251,15 @@ def _fenced_touch(
 def _insert_checkpoints(
     cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any
 ) -> None:
-    # in order: ids follow the save order (latest = max id)
+    # in order: ids follow the save order (latest = max id). A marker that
+    # waited for this commit keeps the time it was taken, for the timeline.
     cur.executemany(
         drv.sql(_RAW_INSERT_CHECKPOINT),
-        [(r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence, now) for r in rows],
+        [
+            (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence)
+            + (now if r.at is None else drv.time(r.at),)
+            for r in rows
+        ],
     )
 
 
