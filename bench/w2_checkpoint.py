@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ from bench.common import (
 )
 
 TITLE = "W2 checkpoint cost (embedded, sequential, durable checkpoints)"
+
+
+async def _ms_per_run(one: Callable[[], Awaitable[None]], n: int, warmup: int) -> float:
+    """``one()`` warmup times untimed, then n times: milliseconds per run."""
+    for _ in range(warmup):
+        await one()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await one()
+    return (time.perf_counter() - t0) / n * 1000
 
 
 async def orch_sequential(
@@ -74,16 +85,11 @@ async def orch_sequential(
             if outcome.status != "completed" or outcome.output != EXPECTED_OUTPUT:
                 bad += 1
 
-        for _ in range(warmup):
-            await one()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await one()
-        seconds = time.perf_counter() - t0
+        ms = await _ms_per_run(one, n, warmup)
         checkpoints = len(await store.history((await store.list_executions(limit=1))[0].id))
     finally:
         await store.close()
-    return {"ms": seconds / n * 1000, "bad": bad, "checkpoints_per_execution": checkpoints}
+    return {"ms": ms, "bad": bad, "checkpoints_per_execution": checkpoints}
 
 
 async def flat_sequential(
@@ -121,18 +127,13 @@ async def flat_sequential(
         if await machine.execute(input={}) != EXPECTED_OUTPUT:
             bad += 1
 
-    for _ in range(warmup):
-        await one()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        await one()
-    seconds = time.perf_counter() - t0
+    ms = await _ms_per_run(one, n, warmup)
     import sqlite3
 
     with sqlite3.connect(db_path) as conn:
         rows = conn.execute("SELECT count(*) FROM machine_checkpoints").fetchone()[0]
     return {
-        "ms": seconds / n * 1000,
+        "ms": ms,
         "bad": bad,
         "checkpoints_per_execution": rows / (n + warmup),
     }

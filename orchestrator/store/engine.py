@@ -124,16 +124,39 @@ _DISCONNECTED = (
 )
 
 
+def _says(exc: BaseException, phrases: tuple[str, ...]) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in phrases)
+
+
 def _is_transient(exc: DBAPIError) -> bool:
     """Lock contention or a dropped connection: safe to run the transaction again."""
-    if exc.connection_invalidated:
-        return True
-    msg = str(exc.orig).lower()
-    return any(s in msg for s in _TRANSIENT + _DISCONNECTED)
+    return exc.connection_invalidated or _says(exc.orig, _TRANSIENT + _DISCONNECTED)
 
 
 def is_readonly_error(exc: BaseException) -> bool:
     return "readonly database" in str(exc).lower() or "read-only" in str(exc).lower()
+
+
+def _retrying(once: Callable[[], T], retryable: Callable[[Exception], bool], attempts: int) -> T:
+    """``once()`` until it returns. An error ``retryable`` accepts runs it again
+    after a jittered pause that doubles from 5 ms up to 0.5 s; any other error,
+    or the last attempt's, propagates."""
+    delay = 0.005
+    for attempt in range(1, attempts + 1):
+        try:
+            return once()
+        except Exception as exc:
+            if attempt == attempts or not retryable(exc):
+                raise
+        log.debug("transient database error, retry %d", attempt)
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.5)
+    raise AssertionError("unreachable")
+
+
+def _read_only(detail: object) -> UserError:
+    return UserError(f"the database is read-only ({detail}); give a writable file with --db")
 
 
 def run_transaction(
@@ -147,28 +170,20 @@ def run_transaction(
 
     ``fn`` must be safe to run again from the start: it sees a fresh transaction.
     """
-    delay = 0.005
-    for attempt in range(1, attempts + 1):
-        try:
-            with engine.connect() as conn:
-                if write:
-                    conn = conn.execution_options(orch_write=True)
-                with conn.begin():
-                    return fn(conn)
-        except OperationalError as exc:
-            if is_readonly_error(exc):
-                raise UserError(
-                    f"the database is read-only ({exc.orig}); give a writable file with --db"
-                ) from None
-            if attempt == attempts or not _is_transient(exc):
-                raise
-        except DBAPIError as exc:
-            if attempt == attempts or not _is_transient(exc):
-                raise
-        log.debug("transient database error, retry %d", attempt)
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, 0.5)
-    raise AssertionError("unreachable")
+
+    def once() -> T:
+        with engine.connect() as conn:
+            if write:
+                conn = conn.execution_options(orch_write=True)
+            with conn.begin():
+                return fn(conn)
+
+    def retryable(exc: Exception) -> bool:
+        if isinstance(exc, OperationalError) and is_readonly_error(exc):
+            raise _read_only(exc.orig) from None
+        return isinstance(exc, DBAPIError) and _is_transient(exc)
+
+    return _retrying(once, retryable, attempts)
 
 
 class Driver:
@@ -195,8 +210,8 @@ class Driver:
 
     def run(self, fn: Callable[[Any], T], *, write: bool, attempts: int = 30) -> T:
         """``fn(cursor)`` in one transaction, with run_transaction's retries."""
-        delay = 0.005
-        for attempt in range(1, attempts + 1):
+
+        def once() -> T:
             raw = self.engine.raw_connection()
             try:
                 cur = raw.cursor()
@@ -206,31 +221,26 @@ class Driver:
                     result = fn(cur)
                     raw.commit()
                     return result
-                except BaseException:
+                except BaseException as exc:
                     with contextlib.suppress(Exception):
                         raw.rollback()
+                    if isinstance(exc, self._dbapi_error) and _says(exc, _DISCONNECTED):
+                        raw.invalidate()  # the pool must not hand it out again
                     raise
                 finally:
                     with contextlib.suppress(Exception):
                         cur.close()
-            except self._dbapi_error as exc:
-                msg = str(exc).lower()
-                if is_readonly_error(exc):
-                    raise UserError(
-                        f"the database is read-only ({exc}); give a writable file with --db"
-                    ) from None
-                if any(s in msg for s in _DISCONNECTED):
-                    raw.invalidate()
-                elif attempt == attempts or not any(s in msg for s in _TRANSIENT):
-                    raise
-                if attempt == attempts:
-                    raise
             finally:
                 raw.close()
-            log.debug("transient database error, retry %d", attempt)
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
-        raise AssertionError("unreachable")
+
+        def retryable(exc: Exception) -> bool:
+            if not isinstance(exc, self._dbapi_error):
+                return False
+            if is_readonly_error(exc):
+                raise _read_only(exc) from None
+            return _says(exc, _TRANSIENT + _DISCONNECTED)
+
+        return _retrying(once, retryable, attempts)
 
 
 # ---------------------------------------------------------------- migrations
