@@ -14,8 +14,10 @@ import os
 os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -26,7 +28,7 @@ import click
 from pydantic import ValidationError
 
 from .client import Client, WaitTimeout
-from .errors import UserError
+from .errors import StoreUnavailable, UserError
 from .machine_config import load_machine_file
 from .settings import Settings
 from .store import Execution, Store
@@ -55,9 +57,42 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     """Run an async command body; user mistakes become one line and exit 2."""
     try:
         return asyncio.run(coro_fn())
-    except UserError as exc:
+    except (UserError, StoreUnavailable) as exc:
         fail(str(exc))
         raise AssertionError from None
+
+
+async def open_store_waiting(settings: Settings) -> Store:
+    """Open the store, waiting (with one message) for a database that is not up
+    yet: a service started before its database runs once the database does."""
+    from .store.outage import Backoff
+
+    backoff = Backoff(first=0.5, cap=5.0)
+    waiting = False
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while True:
+            try:
+                store = await Store.open(settings)
+            except StoreUnavailable as exc:
+                if not waiting:
+                    click.echo(f"orch: waiting for the database: {exc}", err=True)
+                    waiting = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff.next())
+                if stop.is_set():
+                    click.echo("orch: stopped while waiting for the database", err=True)
+                    sys.exit(0)
+                continue
+            if waiting:
+                click.echo("orch: the database is answering; starting", err=True)
+            return store
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def iso(value: datetime | None) -> str | None:
@@ -325,7 +360,8 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
 
     async def body() -> None:
         registry = load_hooks_registry(settings.app)
-        store = await Store.open(settings)
+        # a --burst worker is a batch job: no database, nothing to do (exit 2)
+        store = await (Store.open(settings) if burst else open_store_waiting(settings))
         try:
             options = WorkerOptions(
                 queues=list(queues) or ["default"],
@@ -723,7 +759,7 @@ def _run_scheduler(
     async def body() -> None:
         if app:
             load_hooks_registry(app)  # a bad --app is one clear line here, not in every worker
-        store = await Store.open(settings)
+        store = await open_store_waiting(settings)
         try:
             if policy is not None:
                 queue, lo, hi = policy

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import utcnow
-from .errors import ExecutionNotFound, UserError
+from .errors import ExecutionNotFound, StoreUnavailable, UserError
 from .machine_config import MachineConfig, load_machine_file
 from .settings import Settings
 from .store import CheckpointRecord, Execution, NewExecution, Store
@@ -150,10 +150,18 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
         pause = 0.05
+        last: Execution | None = None
         while True:
-            ex = await self.get(execution_id)
-            if ex.is_final or ex.status == "waiting":
-                return ex
+            try:
+                ex = last = await self.get(execution_id)
+            except StoreUnavailable:
+                # the store's outage is not the execution's: wait on, within the timeout
+                if last is None or (deadline is not None and loop.time() >= deadline):
+                    raise
+                ex = last
+            else:
+                if ex.is_final or ex.status == "waiting":
+                    return ex
             if deadline is not None and loop.time() >= deadline:
                 raise WaitTimeout(ex)
             await asyncio.sleep(

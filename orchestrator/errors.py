@@ -28,3 +28,18 @@ class LeaseLost(OrchError):
         )
         self.execution_id = execution_id
         self.fence = fence
+
+
+class StoreUnavailable(OrchError):
+    """The store did not answer: down, restarting, unreachable, read-only, or
+    locked past every retry. Never the workflow's error: the worker abandons the
+    run without writing more, and it resumes from its last committed checkpoint
+    once the store answers. The CLI prints the message and exits 2.
+
+    ``uncertain``: the connection failed while a write was committing, so it
+    may or may not have committed; the caller must read before it assumes.
+    """
+
+    def __init__(self, message: str, *, uncertain: bool = False):
+        super().__init__(message)
+        self.uncertain = uncertain

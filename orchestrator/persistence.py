@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
 
-from .errors import LeaseLost
+from .errors import LeaseLost, StoreUnavailable
 from .store import CheckpointRow, Claim, Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class FencedPersistence(PersistenceBackend):
         self._write_lock = asyncio.Lock()  # keeps row ids in save order
         self._timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task | None = None
-        self._lost: LeaseLost | None = None  # from a background flush
+        # the store's refusal (LeaseLost) or absence (StoreUnavailable) met by this
+        # run: every later save raises it, so nothing more is written under the claim
+        self.broken: LeaseLost | StoreUnavailable | None = None
         self.resume_snapshot: tuple[str, bytes] | None = None
         # the owner's final states: their state_exit commits with the outcome
         self.final_states: frozenset[str] = frozenset()
@@ -83,8 +85,8 @@ class FencedPersistence(PersistenceBackend):
         return self.claim.execution.id
 
     async def save(self, key: str, value: bytes) -> None:
-        if self._lost is not None:
-            raise self._lost
+        if self.broken is not None:
+            raise self.broken
         execution_id, name = split_key(key)
         if name == LATEST:
             target = bytes(value).decode("utf-8").strip()
@@ -159,8 +161,8 @@ class FencedPersistence(PersistenceBackend):
     async def _background_flush(self) -> None:
         try:
             await self._write(durable=False)
-        except LeaseLost as exc:
-            self._lost = exc  # the next save raises it; the lease keeper cancels the run
+        except (LeaseLost, StoreUnavailable):
+            pass  # broken, or the rows stay pending for the next commit (see _write)
         except Exception as exc:  # the rows stay pending: the next commit carries them
             log.warning("progress markers of %s not written yet: %s", self.owner_id, exc)
         finally:
@@ -180,14 +182,31 @@ class FencedPersistence(PersistenceBackend):
                 await self.store.save_checkpoints(
                     owner_id=self.owner_id, fence=self.claim.fence, rows=rows, durable=durable
                 )
+            except StoreUnavailable as exc:
+                if durable or exc.uncertain:
+                    # a state's progress is unknown to the store, or may be half
+                    # known: this run stops here and resumes from what committed
+                    self.broken = exc
+                else:
+                    self._pending[:0] = rows  # markers only: the next commit carries them
+                raise
+            except LeaseLost as exc:
+                self.broken = exc  # the lease keeper cancels the run as well
+                raise
             except BaseException:
                 if not durable:
                     self._pending[:0] = rows  # not written: keep them for the next commit
                 raise
 
     async def load(self, key: str) -> bytes | None:
+        if self.broken is not None:
+            raise self.broken
         async with self._write_lock:  # not between a write's take and its commit
-            return await self._load(key)
+            try:
+                return await self._load(key)
+            except StoreUnavailable as exc:
+                self.broken = exc  # the machine cannot go on without what it asked for
+                raise
 
     async def _load(self, key: str) -> bytes | None:
         execution_id, name = split_key(key)

@@ -8,6 +8,15 @@ the machine), so a state whose exit committed never runs again. It also
 treats a lone ``machine_start`` as "not started" (the library would try to run
 a state called 'start'), and keeps the step number of a state that runs again
 (the library would count it one higher, changing its idempotency key).
+
+The store's own trouble is never the workflow's error. The library routes any
+exception raised while a state runs (a checkpoint of a tool loop, a signal
+consumed, an inline child's write) to the state's ``on_error``; a
+``StoreUnavailable`` or ``LeaseLost`` there would send the workflow down its
+error path. ``PinnedMachine`` passes both straight through instead, and once a
+run has met one, its persistence refuses every later write, so nothing more is
+written under that claim. The worker then gives the execution back to its
+queue and it resumes from its last committed checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from flatmachines.persistence import MachineSnapshot
 from flatmachines.utils import check_spec_version
 
 from .app import registered_names
-from .errors import LeaseLost
+from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
 from .persistence import DEFAULT_LINGER, FencedLock, FencedPersistence, StoreConfigStore
 from .retry import backoff_delay
@@ -39,7 +48,9 @@ MAX_STEPS = 1_000_000
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    status: str  # completed | failed | retrying | waiting | lost
+    # completed | failed | retrying | waiting | lost (another worker owns it now)
+    # | interrupted (the store stopped answering: the worker gives it back)
+    status: str
     output: Any = None
     error: str | None = None
 
@@ -72,6 +83,21 @@ class PinnedMachine(FlatMachine):
         if "data" not in self.config:
             raise ValueError("Config missing 'data' section")
         self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+
+    def _store_trouble(self, error: BaseException) -> bool:
+        if isinstance(error, StoreUnavailable | LeaseLost):
+            return True
+        return getattr(self.persistence, "broken", None) is not None
+
+    def _get_error_recovery_state(self, state_config: dict[str, Any], error: Exception):
+        if self._store_trouble(error):
+            return None  # not the workflow's error: no on_error transition
+        return super()._get_error_recovery_state(state_config, error)
+
+    async def _run_hook(self, hooks: Any, method_name: str, *args: Any) -> Any:
+        if method_name == "on_error" and self._store_trouble(args[1]):
+            return None  # nor the hooks' to handle: the run is abandoned
+        return await super()._run_hook(hooks, method_name, *args)
 
 
 class Runner:
@@ -111,36 +137,50 @@ class Runner:
 
     async def _run_and_record(self, claim: Claim, persistence: FencedPersistence) -> Outcome:
         try:
-            outcome = await self._run(claim, persistence)
+            try:
+                outcome = await self._run(claim, persistence)
+            except (LeaseLost, StoreUnavailable):
+                raise
+            except Exception as exc:
+                if persistence.broken is not None:  # the store's trouble, wrapped by the library
+                    raise persistence.broken from exc
+                # the machine's own unhandled error: the retry policy
+                return await self._record_error(claim, persistence, exc)
+            return await self._record(claim, persistence, outcome)
         except LeaseLost:
             log.warning("lease lost on %s; abandoning it to its new owner", claim.execution.id)
             return Outcome("lost")
-        except Exception as exc:  # the machine's own unhandled error: the retry policy
-            detail = "".join(traceback.format_exception(exc)).strip()
-            error = f"{type(exc).__name__}: {exc}\n\n{detail}"
-            ex = claim.execution
-            try:
-                await persistence.flush()  # the timeline shows where it failed
-            except LeaseLost:
+        except StoreUnavailable as exc:
+            # not the workflow's error: no attempt spent, nothing more written
+            log.debug("store unavailable while running %s: %s", claim.execution.id, exc)
+            return Outcome("interrupted")
+
+    async def _record_error(
+        self, claim: Claim, persistence: FencedPersistence, exc: Exception
+    ) -> Outcome:
+        detail = "".join(traceback.format_exception(exc)).strip()
+        error = f"{type(exc).__name__}: {exc}\n\n{detail}"
+        ex = claim.execution
+        await persistence.flush()  # the timeline shows where it failed
+        if ex.attempt < ex.max_attempts:
+            delay = backoff_delay(ex.attempt, ex.retry_backoff, ex.retry_backoff_max)
+            if not await self.store.retry_later(claim, error=error, delay=delay):
                 return Outcome("lost")
-            if ex.attempt < ex.max_attempts:
-                delay = backoff_delay(ex.attempt, ex.retry_backoff, ex.retry_backoff_max)
-                if not await self.store.retry_later(claim, error=error, delay=delay):
-                    return Outcome("lost")
-                log.info("attempt %d of %s failed; retry in %.1fs", ex.attempt, ex.id, delay)
-                return Outcome("retrying", error=error)
-            outcome = Outcome("failed", error=error)
-        try:
-            # the run's last markers and its machine_end commit with the outcome
-            await self.store.finish(
-                claim,
-                status=outcome.status,
-                output=_jsonable(outcome.output),
-                error=outcome.error,
-                checkpoints=await persistence.take_pending(),
-            )
-        except LeaseLost:
-            return Outcome("lost")
+            log.info("attempt %d of %s failed; retry in %.1fs", ex.attempt, ex.id, delay)
+            return Outcome("retrying", error=error)
+        return await self._record(claim, persistence, Outcome("failed", error=error))
+
+    async def _record(
+        self, claim: Claim, persistence: FencedPersistence, outcome: Outcome
+    ) -> Outcome:
+        # the run's last markers and its machine_end commit with the outcome
+        await self.store.finish(
+            claim,
+            status=outcome.status,
+            output=_jsonable(outcome.output),
+            error=outcome.error,
+            checkpoints=await persistence.take_pending(),
+        )
         return outcome
 
     async def _run(self, claim: Claim, persistence: FencedPersistence) -> Outcome:

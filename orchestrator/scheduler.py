@@ -25,6 +25,7 @@ import machines
 
 from .clock import utcnow
 from .cron import next_fire
+from .errors import StoreUnavailable
 from .pool import LocalPool
 from .scaling import Decision, decide
 from .settings import Settings
@@ -58,6 +59,8 @@ class Scheduler:
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.fence: int | None = None
         self._stopping = asyncio.Event()
+        # pids of pool workers seen dead whose executions are not requeued yet
+        self._exited: list[int] = []
 
     # ------------------------------------------------------------ leadership
 
@@ -65,6 +68,8 @@ class Scheduler:
         """Take or renew the leader lease; True while this scheduler leads."""
         try:
             fence = await self.store.hold_leadership(LEADER, self.id, self.settings.lease_ttl)
+        except StoreUnavailable:
+            fence = None  # the store logs the outage once; lead again once it answers
         except Exception:
             log.exception("leader lease renewal failed")
             fence = None
@@ -81,23 +86,40 @@ class Scheduler:
     async def reap(self) -> dict[str, Any] | None:
         if not await self.check_leadership():
             return None
-        return await self._run_machine("reaper", "orch-reaper", ReaperHooks(self))
+        try:
+            return await self._run_machine("reaper", "orch-reaper", ReaperHooks(self))
+        except StoreUnavailable:
+            return None  # the next run reaps what this one could not
 
     async def scale(self) -> dict[str, Any] | None:
         if self.pool is not None:
-            crashed = [pid for pid, code in self.pool.reap() if code != 0]
-            if crashed:
+            self._exited += [pid for pid, code in self.pool.reap() if code != 0]
+            if self._exited:
                 # our own children: we know they are dead, no need to wait for leases
-                for worker_id in await self.store.workers_exited(socket.gethostname(), crashed):
-                    log.warning("worker %s died; its executions are requeued now", worker_id)
+                try:
+                    dead = await self.store.workers_exited(socket.gethostname(), self._exited)
+                except StoreUnavailable:
+                    dead = None  # kept for the next run
+                if dead is not None:
+                    self._exited = []
+                    for worker_id in dead:
+                        log.warning("worker %s died; its executions are requeued now", worker_id)
         if not await self.check_leadership():
             return None
-        return await self._run_machine("scaler", "orch-scaler", ScalerHooks(self))
+        try:
+            return await self._run_machine("scaler", "orch-scaler", ScalerHooks(self))
+        except StoreUnavailable:
+            return None
 
     async def fire_schedules(self) -> list[tuple[str, Any, Any]]:
         if not await self.check_leadership():
             return []
-        fired = await self.store.fire_due_schedules(next_fire)
+        try:
+            # a tick's execution id names the tick: a tick fired by a transaction
+            # whose reply was lost is found, not fired again, by the next run
+            fired = await self.store.fire_due_schedules(next_fire)
+        except StoreUnavailable:
+            return []
         for name, tick, ex in fired:
             log.info("schedule %s fired for %s: execution %s", name, tick.isoformat(), ex.id)
         return fired
@@ -142,7 +164,10 @@ class Scheduler:
                 log.info("draining %d pool workers", len(self.pool.children))
                 await asyncio.to_thread(self.pool.stop_all)
             if self.fence is not None:
-                await self.store.resign_leadership(LEADER, self.id)
+                try:
+                    await self.store.resign_leadership(LEADER, self.id)
+                except StoreUnavailable:
+                    pass  # the lease expires by itself
             log.info("scheduler %s stopped", self.id)
 
     def stop(self) -> None:

@@ -22,3 +22,8 @@ class Settings(BaseSettings):
     # checkpoint survives power loss, not only a process crash.
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$")
     sqlite_busy_timeout_ms: int = 10_000
+    # How long one store call waits out a database that does not answer (down,
+    # restarting, failing over, locked) before its caller gives up on that call.
+    # A worker then abandons the run, writing nothing more, and resumes it from
+    # its last committed checkpoint once the store answers.
+    store_patience: float = Field(30.0, ge=0)

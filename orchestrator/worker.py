@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, MachineHooks
-from sqlalchemy.exc import DBAPIError
 
 import machines
 
 from .clock import renew_interval
+from .errors import StoreUnavailable
 from .runner import Outcome, Runner
 from .settings import Settings
 from .store import Claim, Store
+from .store.outage import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,17 @@ class LeaseKeeper(threading.Thread):
 
     async def _main(self) -> None:
         w = self.worker
-        store = await Store.open(w.settings, migrate=False)
         interval = renew_interval(w.settings.lease_ttl)
+        # its own engine and pool; a renewal that cannot be made in one interval
+        # gives way to the next tick's (the lease has two more)
+        store = Store.lazy(w.settings, patience=min(w.settings.store_patience, interval / 2))
         try:
             while not self._stop_event.wait(interval):
                 try:
                     lost, status = await store.renew_leases(w.id, w.held_leases())
-                except Exception:  # the next tick tries again; the lease has 2 more
+                except StoreUnavailable:
+                    continue  # the store logs the outage once; the next tick tries again
+                except Exception:
                     log.exception("lease renewal failed")
                     continue
                 w.on_renewed(lost, status)
@@ -98,6 +103,11 @@ class Worker:
         self._drain_requested = False
         self._hard_stop = False
         self._keeper: LeaseKeeper | None = None
+        # the store stopped answering: claims back off, and runs it interrupted
+        # (or a claim whose reply was lost) are given back once it answers again
+        self._backoff = Backoff(first=min(self.settings.poll_interval, 0.5), cap=5.0)
+        self._store_down = False
+        self._orphans = False
         self.completed = 0
         self.failed = 0
 
@@ -145,13 +155,21 @@ class Worker:
     # ----------------------------------------------------------- actions
 
     async def register(self) -> None:
-        await self.store.register_worker(
-            self.id,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            queue_names=self.options.queues,
-            concurrency=self.options.concurrency,
-        )
+        while True:
+            try:
+                await self.store.register_worker(
+                    self.id,
+                    host=socket.gethostname(),
+                    pid=os.getpid(),
+                    queue_names=self.options.queues,
+                    concurrency=self.options.concurrency,
+                )
+                break
+            except StoreUnavailable:
+                if self._drain_requested:
+                    raise
+                await self._pause()
+        self._backoff.reset()
         self._keeper = LeaseKeeper(self)
         self._keeper.start()
         log.info(
@@ -163,27 +181,56 @@ class Worker:
 
     async def claim(self) -> int:
         claimed = 0
-        while not self._drain_requested and len(self._running) < self.options.concurrency:
-            try:
+        try:
+            if self._orphans and not self._drain_requested:
+                await self._release_orphans()
+            while not self._drain_requested and len(self._running) < self.options.concurrency:
                 claim = await self.store.claim(self.id, self.options.queues)
-            except DBAPIError as exc:
-                # the store is unreachable: keep what runs, try again next poll
-                log.warning("claim failed, retrying: %s", str(exc.orig or exc).splitlines()[0])
-                break
-            if claim is None:
-                break
-            claimed += 1
-            self._start(claim)
+                if claim is None:
+                    break
+                claimed += 1
+                self._start(claim)
+        except StoreUnavailable as exc:
+            # keep what runs and back off; a claim whose reply was lost is ours
+            # in the store but not here, so it is given back once the store answers
+            self._store_down = True
+            if exc.uncertain:
+                self._orphans = True
+            return claimed
+        if self._store_down:
+            self._store_down = False
+            self._backoff.reset()
         return claimed
+
+    async def _release_orphans(self) -> None:
+        released = await self.store.release_orphans(self.id, list(self._running))
+        self._orphans = False
+        if released:
+            log.info(
+                "gave back %d execution(s) interrupted while the store was away; they "
+                "resume from their last checkpoints",
+                len(released),
+            )
+
+    async def _pause(self) -> None:
+        """A backoff step while the store does not answer (a drain cuts it short)."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self._backoff.next())
+        except TimeoutError:
+            pass
 
     async def wait_and_check(self, claimed: int) -> bool:
         """Wait for something to do. True when a --burst worker is finished."""
         if self._drain_requested:
             return False
+        if self._store_down:
+            await self._pause()
+            return False
         free = len(self._running) < self.options.concurrency
         if free and claimed:
             return False  # the claim loop stopped only because slots filled or it drained
-        if self.options.burst and free and not claimed and not self._running:
+        if self.options.burst and free and not claimed and not self._running and not self._orphans:
             return True
         self._wake.clear()
         timeout = None if not free else self.settings.poll_interval
@@ -195,7 +242,10 @@ class Worker:
 
     async def drain(self) -> None:
         log.info("worker %s draining: %d running", self.id, len(self._running))
-        await self.store.set_worker_status(self.id, "draining")
+        try:
+            await self.store.set_worker_status(self.id, "draining")
+        except StoreUnavailable:
+            pass  # it drains all the same; the row says so once it can
         deadline = self._loop.time() + self.options.drain_timeout if self._loop else 0
         while self._running and not self._hard_stop:
             self._wake.clear()
@@ -207,6 +257,11 @@ class Worker:
             except TimeoutError:
                 break
         await self._release_all()
+        if self._orphans:
+            try:
+                await self._release_orphans()
+            except StoreUnavailable:
+                pass  # their leases expire and any worker takes them over
 
     async def shutdown(self) -> None:
         await self._stop_everything()
@@ -236,12 +291,18 @@ class Worker:
                 self.completed += 1
             elif outcome.status == "failed":
                 self.failed += 1
-            log.info("%s %s", outcome.status, ex_id)
+            elif outcome.status == "interrupted":
+                self._orphans = True  # given back once the store answers
+            if outcome.status != "interrupted":
+                log.info("%s %s", outcome.status, ex_id)
         except asyncio.CancelledError:
             if ex_id not in self._lost:
                 # stopped by a drain: give it back; it resumes from its last checkpoint
-                await asyncio.shield(self.store.release(claim))
-                log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
+                try:
+                    await asyncio.shield(self.store.release(claim))
+                    log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
+                except StoreUnavailable:
+                    log.info("could not release %s: the store is away; its lease expires", ex_id)
         except Exception:
             log.exception("worker error while running %s", ex_id)
         finally:
@@ -273,7 +334,10 @@ class Worker:
             self._keeper.stop()
             await asyncio.to_thread(self._keeper.join)
             self._keeper = None
-            await self.store.set_worker_status(self.id, "stopped")
+            try:
+                await self.store.set_worker_status(self.id, "stopped")
+            except StoreUnavailable:
+                log.warning("worker %s could not mark itself stopped: the store is away", self.id)
 
     def _install_signal_handlers(self) -> None:
         assert self._loop is not None

@@ -48,6 +48,16 @@ def db_url(request, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'orch.sqlite'}"
         return
+    yield from _pg_schema_url()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """PostgreSQL only, for faults only a server has (a cut connection)."""
+    yield from _pg_schema_url()
+
+
+def _pg_schema_url() -> Iterator[str]:
     problem = _pg_reachable()
     if problem:
         if os.environ.get("ORCH_TEST_REQUIRE_POSTGRES"):

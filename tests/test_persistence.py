@@ -124,7 +124,7 @@ def test_a_marker_flushed_after_its_lease_was_lost_fails_the_next_save(store, tm
     async def go():
         backend = FencedPersistence(store, stale, linger=0.0)
         await backend.save(*_snap(ex_id, 1, "state_enter", "s1"))
-        while backend._lost is None:
+        while backend.broken is None:
             await asyncio.sleep(0.01)
         with pytest.raises(LeaseLost):
             await backend.save(*_snap(ex_id, 1, "state_exit", "s1"))

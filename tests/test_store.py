@@ -186,38 +186,3 @@ def test_concurrent_claims_in_one_process_never_share_a_row(store):
     flat = [x for r in results for x in r]
     assert sorted(flat) == sorted(f"e{i}" for i in range(40))
     assert len(set(flat)) == 40
-
-
-@pytest.mark.parametrize(
-    "message, retried",
-    [
-        ("database is locked", True),
-        ("server closed the connection unexpectedly", True),
-        ("no such table: nowhere", False),
-    ],
-)
-def test_the_driver_path_retries_only_transient_errors(store, message, retried):
-    """The hot path's own transactions (checkpoint, outcome) retry lock contention
-    and dropped connections from the start, and nothing else."""
-    seed(store, new("job-1"))
-    drv = store.driver
-    error = store.engine.dialect.loaded_dbapi.OperationalError
-    attempts = []
-
-    def tx(cur):
-        attempts.append(1)
-        cur.execute(
-            drv.sql("UPDATE executions SET priority = priority + 1 WHERE id = ?"), ("job-1",)
-        )
-        if len(attempts) == 1:
-            raise error(message)  # after a write: the retry must not keep it
-
-    if retried:
-        drv.run(tx, write=True)
-        assert len(attempts) == 2
-        assert run_async(store.get("job-1")).priority == 1  # the first attempt rolled back
-    else:
-        with pytest.raises(error):
-            drv.run(tx, write=True)
-        assert len(attempts) == 1
-        assert run_async(store.get("job-1")).priority == 0

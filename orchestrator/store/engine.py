@@ -26,7 +26,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from ..errors import UserError
+from ..errors import StoreUnavailable, UserError
+from . import outage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,54 +110,70 @@ def create_engine(
     return sa.create_engine(sync_url(url), pool_pre_ping=True, pool_recycle=1800, **pool)
 
 
-_TRANSIENT = (
-    "database is locked",
-    "database table is locked",
-    "deadlock detected",
-    "could not serialize access",
-)
-_DISCONNECTED = (
-    "server closed the connection",
-    "terminating connection",
-    "connection refused",
-    "the connection is closed",
-    "consuming input failed",
-)
+class _Attempt:
+    """How far one attempt got: an error while committing leaves a write's fate unknown."""
+
+    __slots__ = ("committing",)
+
+    def __init__(self) -> None:
+        self.committing = False
 
 
-def _says(exc: BaseException, phrases: tuple[str, ...]) -> bool:
-    msg = str(exc).lower()
-    return any(s in msg for s in phrases)
+def _unavailable(where: str, exc: BaseException, *, uncertain: bool = False) -> StoreUnavailable:
+    if outage.is_read_only(exc):
+        message = (
+            f"the database {where} is read-only ({outage.reason(exc)}); "
+            "pass a writable one with --db"
+        )
+    else:
+        message = (
+            f"cannot reach database {where}: {outage.reason(exc)} (check --db / ORCH_DATABASE_URL)"
+        )
+    return StoreUnavailable(message, uncertain=uncertain)
 
 
-def _is_transient(exc: DBAPIError) -> bool:
-    """Lock contention or a dropped connection: safe to run the transaction again."""
-    return exc.connection_invalidated or _says(exc.orig, _TRANSIENT + _DISCONNECTED)
+def _retrying(once: Callable[[_Attempt], T], *, where: str, write: bool, patience: float) -> T:
+    """``once()`` until it returns, while the store is busy or away.
 
-
-def is_readonly_error(exc: BaseException) -> bool:
-    return "readonly database" in str(exc).lower() or "read-only" in str(exc).lower()
-
-
-def _retrying(once: Callable[[], T], retryable: Callable[[Exception], bool], attempts: int) -> T:
-    """``once()`` until it returns. An error ``retryable`` accepts runs it again
-    after a jittered pause that doubles from 5 ms up to 0.5 s; any other error,
-    or the last attempt's, propagates."""
-    delay = 0.005
-    for attempt in range(1, attempts + 1):
+    Lock contention runs it again after a jittered pause that doubles from 5 ms
+    to 0.5 s; a store that does not answer, after a capped, jittered backoff.
+    Either way for at most ``patience`` seconds, then ``StoreUnavailable``. A
+    write whose connection failed while committing is not run again (it may
+    have committed): ``StoreUnavailable(uncertain=True)`` at once, and the
+    caller reads before it assumes. Any other error propagates as it is.
+    """
+    started = time.monotonic()
+    slept = 0.0  # the waits alone, should the clock be frozen (a test's freezegun)
+    contention_delay = 0.005
+    backoff = outage.Backoff(first=0.05, cap=1.0)
+    while True:
+        attempt = _Attempt()
         try:
-            return once()
+            result = once(attempt)
         except Exception as exc:
-            if attempt == attempts or not retryable(exc):
+            kind = outage.classify(exc)
+            if kind is None:
                 raise
-        log.debug("transient database error, retry %d", attempt)
-        time.sleep(delay * (0.5 + random.random()))
-        delay = min(delay * 2, 0.5)
-    raise AssertionError("unreachable")
-
-
-def _read_only(detail: object) -> UserError:
-    return UserError(f"the database is read-only ({detail}); give a writable file with --db")
+            if kind == "unavailable" and write and attempt.committing:
+                outage.outages.down(where, exc)
+                raise _unavailable(where, exc, uncertain=True) from exc
+            if kind == "contention":
+                delay = contention_delay * (0.5 + random.random())
+                contention_delay = min(contention_delay * 2, 0.5)
+            else:
+                delay = backoff.next()
+            if max(time.monotonic() - started, slept) + delay > patience:
+                if slept:  # it waited, and gave up: the caller moves on without it
+                    outage.outages.down(where, exc)
+                raise _unavailable(where, exc) from exc
+            if kind == "unavailable":
+                outage.outages.down(where, exc)  # one line per outage, however long
+            log.debug("store %s: %s; again in %.3fs", kind, outage.reason(exc), delay)
+            time.sleep(delay)
+            slept += delay
+            continue
+        outage.outages.up(where)
+        return result
 
 
 def run_transaction(
@@ -164,26 +181,37 @@ def run_transaction(
     fn: Callable[[sa.Connection], T],
     *,
     write: bool,
-    attempts: int = 30,
+    patience: float,
 ) -> T:
-    """Run ``fn`` in one transaction, retrying lock contention and lost connections.
+    """Run ``fn`` in one transaction, waiting out lock contention and a store
+    that does not answer for up to ``patience`` seconds (see ``_retrying``).
 
     ``fn`` must be safe to run again from the start: it sees a fresh transaction.
     """
 
-    def once() -> T:
+    def once(attempt: _Attempt) -> T:
         with engine.connect() as conn:
             if write:
                 conn = conn.execution_options(orch_write=True)
-            with conn.begin():
-                return fn(conn)
+            trans = conn.begin()
+            try:
+                result = fn(conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    trans.rollback()
+                raise
+            attempt.committing = True
+            try:
+                trans.commit()
+            except BaseException:
+                # SQLAlchemy counts a failed commit as ended and would pool the
+                # connection with its transaction still open: discard it
+                with contextlib.suppress(Exception):
+                    conn.invalidate()
+                raise
+            return result
 
-    def retryable(exc: Exception) -> bool:
-        if isinstance(exc, OperationalError) and is_readonly_error(exc):
-            raise _read_only(exc.orig) from None
-        return isinstance(exc, DBAPIError) and _is_transient(exc)
-
-    return _retrying(once, retryable, attempts)
+    return _retrying(once, where=masked(engine.url), write=write, patience=patience)
 
 
 class Driver:
@@ -196,10 +224,11 @@ class Driver:
     type would store them.
     """
 
-    def __init__(self, engine: sa.Engine):
+    def __init__(self, engine: sa.Engine, *, patience: float):
         self.engine = engine
+        self.patience = patience
         self.sqlite = engine.dialect.name == "sqlite"
-        self._dbapi_error = engine.dialect.loaded_dbapi.Error
+        self._where = masked(engine.url)
 
     def sql(self, text: str) -> str:
         return text if self.sqlite else text.replace("?", "%s")
@@ -208,10 +237,10 @@ class Driver:
         # SQLAlchemy's SQLite DATETIME text, so raw and Core rows compare alike
         return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else value
 
-    def run(self, fn: Callable[[Any], T], *, write: bool, attempts: int = 30) -> T:
+    def run(self, fn: Callable[[Any], T], *, write: bool) -> T:
         """``fn(cursor)`` in one transaction, with run_transaction's retries."""
 
-        def once() -> T:
+        def once(attempt: _Attempt) -> T:
             raw = self.engine.raw_connection()
             try:
                 cur = raw.cursor()
@@ -219,12 +248,13 @@ class Driver:
                     if self.sqlite:
                         cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                     result = fn(cur)
+                    attempt.committing = True
                     raw.commit()
                     return result
                 except BaseException as exc:
                     with contextlib.suppress(Exception):
                         raw.rollback()
-                    if isinstance(exc, self._dbapi_error) and _says(exc, _DISCONNECTED):
+                    if outage.classify(exc) == "unavailable":
                         raw.invalidate()  # the pool must not hand it out again
                     raise
                 finally:
@@ -233,14 +263,7 @@ class Driver:
             finally:
                 raw.close()
 
-        def retryable(exc: Exception) -> bool:
-            if not isinstance(exc, self._dbapi_error):
-                return False
-            if is_readonly_error(exc):
-                raise _read_only(exc) from None
-            return _says(exc, _TRANSIENT + _DISCONNECTED)
-
-        return _retrying(once, retryable, attempts)
+        return _retrying(once, where=self._where, write=write, patience=self.patience)
 
 
 # ---------------------------------------------------------------- migrations
@@ -308,17 +331,19 @@ def check_sqlite_writable(path: Path) -> None:
 
 @contextlib.contextmanager
 def translate_connect_errors(url: URL):
-    """Turn an unreachable server into one clear line, password masked."""
+    """First contact: a server that is away is ``StoreUnavailable`` (a worker
+    waits for it, the CLI says so and exits 2); a URL that can never work (a
+    wrong password, a missing database) is a ``UserError``. Password masked."""
     try:
         yield
+    except StoreUnavailable:
+        raise
     except (OperationalError, DBAPIError) as exc:
-        if is_readonly_error(exc):
-            raise UserError(
-                f"the database {masked(url)} is read-only; pass a writable one with --db"
-            ) from None
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        if outage.is_unavailable(exc):
+            raise _unavailable(masked(url), exc) from None
         raise UserError(
-            f"cannot reach database {masked(url)}: {reason} (check --db / ORCH_DATABASE_URL)"
+            f"cannot reach database {masked(url)}: {outage.reason(exc)} "
+            "(check --db / ORCH_DATABASE_URL)"
         ) from None
     except OSError as exc:
         raise UserError(

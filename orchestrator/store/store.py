@@ -270,8 +270,10 @@ class Store:
     store's threads (one hop per transaction instead of one per statement).
     """
 
-    def __init__(self, url: sa.URL, settings: Settings):
+    def __init__(self, url: sa.URL, settings: Settings, *, patience: float | None = None):
         self.url = url
+        # seconds a transaction waits out a store that does not answer
+        self.patience = settings.store_patience if patience is None else patience
         busy = settings.sqlite_busy_timeout_ms
         self.engine = eng.create_engine(url, synchronous=settings.sqlite_synchronous, busy_ms=busy)
         # Progress markers (a checkpoint that is not a durability point) commit
@@ -284,8 +286,8 @@ class Store:
         )
         self.settings = settings
         self.dialect = url.get_backend_name()
-        self.driver = eng.Driver(self.engine)
-        self.progress_driver = eng.Driver(self.progress_engine)
+        self.driver = eng.Driver(self.engine, patience=self.patience)
+        self.progress_driver = eng.Driver(self.progress_engine, patience=self.patience)
         # a JSON value goes in as text; PostgreSQL's json column wants it cast
         self._json_param = "?" if self.dialect == "sqlite" else "CAST(? AS json)"
         self._threads = ThreadPoolExecutor(eng.POOL_SIZE, thread_name_prefix="store")
@@ -303,9 +305,10 @@ class Store:
         store = cls(url, settings)
         try:
             with eng.translate_connect_errors(url):
-                if not await store._read(lambda conn: eng.current_revision(conn)) == (
-                    eng.head_revision()
-                ):
+                # first contact fails fast: a caller that wants to wait for the
+                # database (a worker) retries the open itself
+                revision = await store._run(eng.current_revision, write=False, patience=0)
+                if revision != eng.head_revision():
                     if not migrate:
                         raise UserError(
                             f"{eng.masked(url)} has no current schema: run `orch db upgrade`"
@@ -315,6 +318,12 @@ class Store:
             await store.close()
             raise
         return store
+
+    @classmethod
+    def lazy(cls, settings: Settings, *, patience: float | None = None) -> Store:
+        """A store that connects on first use, for a process that already opened
+        (and migrated) one: a database away at that moment is met per call."""
+        return cls(eng.parse_url(settings.database_url), settings, patience=patience)
 
     async def close(self) -> None:
         def dispose() -> None:
@@ -335,11 +344,17 @@ class Store:
         )
 
     async def _run(
-        self, fn: Callable[[sa.Connection], T], *, write: bool, durable: bool = True
+        self,
+        fn: Callable[[sa.Connection], T],
+        *,
+        write: bool,
+        durable: bool = True,
+        patience: float | None = None,
     ) -> T:
         engine = self.engine if durable else self.progress_engine
+        wait = self.patience if patience is None else patience
         return await asyncio.get_running_loop().run_in_executor(
-            self._threads, lambda: eng.run_transaction(engine, fn, write=write)
+            self._threads, lambda: eng.run_transaction(engine, fn, write=write, patience=wait)
         )
 
     async def _loop_run(self, fn: Callable[[], T]) -> T:
@@ -752,6 +767,26 @@ class Store:
                 .values(status="queued", worker_id=None, lease_until=None, updated_at=now)
             )
             return result.rowcount == 1
+
+        return await self._write(tx)
+
+    async def release_orphans(self, worker_id: str, running: Iterable[str]) -> list[str]:
+        """Executions the store says this worker holds but it no longer runs go
+        back to their queue: a run abandoned because the store stopped answering,
+        or a claim whose reply was lost with the connection. They resume from
+        their last checkpoint on the next claim (this worker's or another's)."""
+        keep = list(running)
+
+        def tx(conn: sa.Connection) -> list[str]:
+            stmt = (
+                sa.update(executions)
+                .where(executions.c.worker_id == worker_id, executions.c.status == "running")
+                .values(status="queued", worker_id=None, lease_until=None, updated_at=utcnow())
+                .returning(executions.c.id)
+            )
+            if keep:
+                stmt = stmt.where(executions.c.id.not_in(keep))
+            return [r.id for r in conn.execute(stmt)]
 
         return await self._write(tx)
 
@@ -1256,8 +1291,10 @@ class Store:
                     .values(name=q, created_at=now)
                     .on_conflict_do_nothing(index_elements=["name"])
                 )
+            # an upsert: a registration whose reply was lost may be run again
             conn.execute(
-                sa.insert(workers).values(
+                self._insert(workers)
+                .values(
                     id=worker_id,
                     host=host,
                     pid=pid,
@@ -1270,6 +1307,7 @@ class Store:
                     completed=0,
                     failed=0,
                 )
+                .on_conflict_do_nothing(index_elements=["id"])
             )
 
         await self._write(tx)
