@@ -11,7 +11,8 @@ unchanged on SQLite or PostgreSQL when their hooks get these backends::
 
 Their workers are rows of the ``workers`` table, so `orch workers` and the TUI
 show them (status terminating/terminated is stored as draining/stopped); their
-work items are rows of ``work_items``. All SQL is in ``orchestrator.store.work``.
+work items are rows of ``work_items``. The SQL is in ``orchestrator.store.workers``
+(the registry) and ``orchestrator.store.work`` (the pools).
 
 Differences from flatmachines' SQLite reference backends, none visible through
 the protocols: a completed item is kept (status ``completed``, with its result)
@@ -31,7 +32,8 @@ from flatmachines.work import WorkItem
 
 from .clock import utcnow
 from .store import Store
-from .store import work as sql
+from .store import WorkerRecord as StoreWorker
+from .store.work import WorkItemRow
 
 __all__ = ["StoreRegistrationBackend", "StoreWorkBackend", "StoreWorkPool"]
 
@@ -66,7 +68,7 @@ def _naive_utc(iso: str | None) -> datetime | None:
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
 
-def _record(row: sql.WorkerRow) -> WorkerRecord:
+def _record(row: StoreWorker) -> WorkerRecord:
     return WorkerRecord(
         worker_id=row.id,
         status=_THEIRS.get(row.status, row.status),
@@ -80,7 +82,7 @@ def _record(row: sql.WorkerRow) -> WorkerRecord:
     )
 
 
-def _item(row: sql.WorkItemRow) -> WorkItem:
+def _item(row: WorkItemRow) -> WorkItem:
     return WorkItem(
         id=row.id,
         data=row.data,
@@ -100,8 +102,7 @@ class StoreRegistrationBackend:
         self._store = store
 
     async def register(self, worker: WorkerRegistration) -> WorkerRecord:
-        row = await sql.register_worker(
-            self._store,
+        row = await self._store.register_worker(
             worker.worker_id,
             host=worker.host or "",
             pid=worker.pid or 0,
@@ -111,21 +112,21 @@ class StoreRegistrationBackend:
         return _record(row)
 
     async def heartbeat(self, worker_id: str, metadata: dict[str, Any] | None = None) -> None:
-        if not await sql.heartbeat_worker(self._store, worker_id, metadata):
+        if not await self._store.heartbeat_worker(worker_id, metadata):
             raise KeyError(f"Worker {worker_id} not found")
 
     async def update_status(self, worker_id: str, status: str) -> None:
-        if not await sql.set_worker_status(self._store, worker_id, _our_status(status)):
+        if not await self._store.set_worker_status(worker_id, _our_status(status), heartbeat=False):
             raise KeyError(f"Worker {worker_id} not found")
 
     async def get(self, worker_id: str) -> WorkerRecord | None:
-        row = await sql.get_worker(self._store, worker_id)
+        row = await self._store.get_worker(worker_id)
         return _record(row) if row else None
 
     async def list(self, filter: WorkerFilter | None = None) -> list[WorkerRecord]:
         f = filter or WorkerFilter()
-        rows = await sql.list_workers(
-            self._store,
+        rows = await self._store.list_workers(
+            oldest_first=True,
             status=_our_status(f.status) if f.status else None,
             capability=f.capability or None,
             # like the reference backends: a threshold of 0/None means no filter
@@ -143,29 +144,29 @@ class StoreWorkPool:
 
     async def push(self, item: Any, options: dict[str, Any] | None = None) -> str:
         max_retries = int((options or {}).get("max_retries", 3))
-        return await sql.push_item(self._store, self.name, item, max_retries=max_retries)
+        return await self._store.work.push_item(self.name, item, max_retries=max_retries)
 
     async def claim(self, worker_id: str) -> WorkItem | None:
-        row = await sql.claim_item(self._store, self.name, worker_id)
+        row = await self._store.work.claim_item(self.name, worker_id)
         return _item(row) if row else None
 
     async def complete(self, item_id: str, result: Any | None = None) -> None:
-        if not await sql.complete_item(self._store, self.name, item_id, result):
+        if not await self._store.work.complete_item(self.name, item_id, result):
             raise KeyError(f"Work item {item_id} not found")
 
     async def fail(self, item_id: str, error: str | None = None) -> None:
-        if await sql.fail_item(self._store, self.name, item_id, error) is None:
+        if await self._store.work.fail_item(self.name, item_id, error) is None:
             raise KeyError(f"Work item {item_id} not found")
 
     async def size(self) -> int:
-        return await sql.count_pending(self._store, self.name)
+        return await self._store.work.count_pending(self.name)
 
     async def release_by_worker(self, worker_id: str) -> int:
-        return await sql.release_worker_items(self._store, self.name, worker_id)
+        return await self._store.work.release_worker_items(self.name, worker_id)
 
     # beyond the protocol: what the pool holds, completed and poisoned items too
-    async def items(self, status: str | None = None) -> list[sql.WorkItemRow]:
-        return await sql.list_items(self._store, self.name, status=status)
+    async def items(self, status: str | None = None) -> list[WorkItemRow]:
+        return await self._store.work.list_items(self.name, status=status)
 
 
 class StoreWorkBackend:

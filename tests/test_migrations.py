@@ -44,7 +44,7 @@ def test_the_claim_reads_the_queue_in_index_order(store):
     from sqlalchemy.dialects import sqlite
 
     from orchestrator.clock import utcnow
-    from orchestrator.store import store as st
+    from orchestrator.store import executions as st
 
     engine = eng.create_engine(store.url, pooled=False)
     try:

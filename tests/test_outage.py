@@ -120,13 +120,13 @@ def test_a_statement_that_fails_before_commit_runs_again_from_the_start(settings
         for path in ("driver", "core"):
             faults.arm([1], match="UPDATE queues")  # inside the transaction
             if path == "driver":
-                run_async(store._loop_run(lambda: store.driver.run(_bump(store), write=True)))
+                run_async(store.db.call(lambda: store.driver.run(_bump(store), write=True)))
             else:
 
                 def core(conn):
                     conn.execute(sa.text("UPDATE queues SET per_worker = per_worker + 1"))
 
-                run_async(store._write(core))
+                run_async(store.db.write(core))
             faults.disarm()
             assert len(faults.failed) == 1
         # each bump counted once: the failed attempts rolled back
@@ -144,7 +144,7 @@ def test_a_commit_that_fails_is_not_run_again_and_says_it_is_uncertain(
         run_async(store.set_queue_policy("q", min_workers=0, max_workers=1, per_worker=1))
         faults.arm([1], match="^COMMIT$", lost_reply=lost_reply)
         with pytest.raises(StoreUnavailable) as caught:
-            run_async(store._loop_run(lambda: store.driver.run(_bump(store), write=True)))
+            run_async(store.db.call(lambda: store.driver.run(_bump(store), write=True)))
         faults.disarm()
         assert caught.value.uncertain
         assert "cannot reach database" in str(caught.value)
@@ -172,7 +172,7 @@ def test_patience_bounds_the_wait_and_other_errors_pass_at_once(settings, faults
             conn.execute(sa.text("SELECT * FROM nowhere"))
 
         with pytest.raises(sa_exc.DBAPIError):
-            run_async(store._read(broken))
+            run_async(store.db.read(broken))
         assert calls == [1]
     finally:
         run_async(store.close())

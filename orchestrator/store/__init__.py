@@ -1,14 +1,14 @@
-"""The shared store: SQLAlchemy schema, migrations and every query."""
+"""The shared store: SQLAlchemy schema, migrations and every query, cut by aggregate."""
 
-from .store import (
+from .records import (
     CheckpointRecord,
     CheckpointRow,
     Claim,
     Execution,
     NewExecution,
-    Store,
     WorkerRecord,
 )
+from .store import Store
 
 __all__ = [
     "Store",

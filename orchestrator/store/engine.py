@@ -28,12 +28,12 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ..errors import StoreUnavailable, UserError
 from . import outage
+from .dialect import dialect_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-_PG_MIGRATION_LOCK = 0x0F1A7_0C4  # advisory lock key serialising concurrent upgrades
 
 
 def parse_url(raw: str) -> URL:
@@ -57,12 +57,6 @@ def masked(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def sync_url(url: URL) -> URL:
-    if url.get_backend_name() == "sqlite":
-        return url.set(drivername="sqlite")
-    return url.set(drivername="postgresql+psycopg")
-
-
 def sqlite_path(url: URL) -> Path | None:
     if url.get_backend_name() != "sqlite":
         return None
@@ -72,42 +66,14 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(db)
 
 
-def _install_sqlite_pragmas(sync_engine: sa.Engine, synchronous: str, busy_ms: int) -> None:
-    @sa.event.listens_for(sync_engine, "connect")
-    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
-        # Hand transaction control to SQLAlchemy so BEGIN is ours to choose.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout={int(busy_ms)}")
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute(f"PRAGMA synchronous={synchronous}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.close()
-
-    @sa.event.listens_for(sync_engine, "begin")
-    def _on_begin(conn):  # pragma: no cover - trivial
-        if conn.get_execution_options().get("orch_write"):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        else:
-            conn.exec_driver_sql("BEGIN")
-
-
-POOL_SIZE = 8  # also the number of store threads per process
-
-
 def create_engine(
     url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000, pooled: bool = True
 ) -> sa.Engine:
     """A pooled engine. The store runs each transaction whole on a thread of its
     own: one thread hop per transaction, where an async driver costs several."""
-    pool: dict = (
-        {"pool_size": POOL_SIZE, "max_overflow": 0} if pooled else {"poolclass": sa.pool.NullPool}
+    return dialect_of(url).create_engine(
+        url, synchronous=synchronous, busy_ms=busy_ms, pooled=pooled
     )
-    if url.get_backend_name() == "sqlite":
-        engine = sa.create_engine(sync_url(url), connect_args={"check_same_thread": False}, **pool)
-        _install_sqlite_pragmas(engine, synchronous, busy_ms)
-        return engine
-    return sa.create_engine(sync_url(url), pool_pre_ping=True, pool_recycle=1800, **pool)
 
 
 class _Attempt:
@@ -227,15 +193,14 @@ class Driver:
     def __init__(self, engine: sa.Engine, *, patience: float):
         self.engine = engine
         self.patience = patience
-        self.sqlite = engine.dialect.name == "sqlite"
+        self.dialect = dialect_of(engine.url)
         self._where = masked(engine.url)
 
     def sql(self, text: str) -> str:
-        return text if self.sqlite else text.replace("?", "%s")
+        return self.dialect.sql(text)
 
     def time(self, value: datetime) -> object:
-        # SQLAlchemy's SQLite DATETIME text, so raw and Core rows compare alike
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else value
+        return self.dialect.time(value)
 
     def run(self, fn: Callable[[Any], T], *, write: bool) -> T:
         """``fn(cursor)`` in one transaction, with run_transaction's retries."""
@@ -245,8 +210,9 @@ class Driver:
             try:
                 cur = raw.cursor()
                 try:
-                    if self.sqlite:
-                        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                    begin = self.dialect.begin_sql(write)
+                    if begin:
+                        cur.execute(begin)
                     result = fn(cur)
                     attempt.committing = True
                     raw.commit()
@@ -296,10 +262,8 @@ def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> No
         with engine.connect() as conn:
             conn = conn.execution_options(orch_write=True)
             with conn.begin():
-                if conn.dialect.name == "postgresql":
-                    conn.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK}
-                    )
+                # SQLite's write lock serialises upgrades by itself
+                dialect_of(url).lock_migrations(conn)
                 # under the lock: another process may have just finished the upgrade
                 if current_revision(conn) == head_revision():
                     return

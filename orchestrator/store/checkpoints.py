@@ -1,0 +1,199 @@
+"""Checkpoints: every snapshot an execution's machine takes, fenced by its claim.
+
+A snapshot row is also the latest pointer (latest = highest id), so a snapshot
+and its pointer are one insert. The hot path (a checkpoint commit) runs on the
+driver's own cursor: a handful of fixed statements, written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..clock import utcnow
+from ..errors import LeaseLost
+from . import engine as eng
+from .db import Database
+from .models import checkpoints
+from .records import CheckpointRecord, CheckpointRow
+
+# The hot path on the driver's cursor (engine.Driver): a checkpoint commit, and
+# (executions.py) the outcome. Every write is fenced by the owner's claim.
+RAW_HELD = "WHERE id = ? AND fence = ? AND status = 'running'"
+_RAW_SAVE_STEP_AND_STATE = (
+    f"UPDATE executions SET updated_at = ?, step = ?, current_state = ? {RAW_HELD}"
+)
+_RAW_SAVE_STEP = f"UPDATE executions SET updated_at = ?, step = ? {RAW_HELD}"
+_RAW_SAVE_TOUCH = f"UPDATE executions SET updated_at = ? {RAW_HELD}"
+_RAW_INSERT_CHECKPOINT = (
+    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def fenced_touch(
+    cur: Any,
+    drv: eng.Driver,
+    owner_id: str,
+    fence: int,
+    rows: Sequence[CheckpointRow],
+    now: Any,
+) -> None:
+    """The fence check of a checkpoint write, which also moves the execution's
+    step and current state to the newest of ``rows``. LeaseLost if not held."""
+    own = [r for r in rows if r.execution_id == owner_id]
+    # an inline child's rows only prove the fence on the owner's row
+    sql, params = _RAW_SAVE_TOUCH, (now, owner_id, fence)
+    if own:
+        # machine_start/machine_end name pseudo-states ('start', 'end'): keep the last real one
+        real = [r for r in own if r.event not in ("machine_start", "machine_end")]
+        if real:
+            sql, params = (
+                _RAW_SAVE_STEP_AND_STATE,
+                (now, real[-1].step, real[-1].state) + params[1:],
+            )
+        else:
+            sql, params = _RAW_SAVE_STEP, (now, own[-1].step) + params[1:]
+    cur.execute(drv.sql(sql), params)
+    if cur.rowcount != 1:
+        raise LeaseLost(owner_id, fence)
+
+
+def insert_checkpoints(
+    cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any
+) -> None:
+    # in order: ids follow the save order (latest = max id). A marker that
+    # waited for this commit keeps the time it was taken, for the timeline.
+    cur.executemany(
+        drv.sql(_RAW_INSERT_CHECKPOINT),
+        [
+            (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence)
+            + (now if r.at is None else drv.time(r.at),)
+            for r in rows
+        ],
+    )
+
+
+class Checkpoints:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def history(self, execution_id: str) -> list[CheckpointRecord]:
+        stmt = (
+            sa.select(
+                checkpoints.c.step,
+                checkpoints.c.event,
+                checkpoints.c.state,
+                checkpoints.c.created_at,
+            )
+            .where(checkpoints.c.execution_id == execution_id)
+            .order_by(checkpoints.c.id)
+        )
+
+        def tx(conn: sa.Connection) -> list[CheckpointRecord]:
+            return [
+                CheckpointRecord(r.step, r.event, r.state, r.created_at) for r in conn.execute(stmt)
+            ]
+
+        return await self.db.read(tx)
+
+    async def save_checkpoint(
+        self,
+        *,
+        owner_id: str,
+        fence: int,
+        execution_id: str,
+        key: str,
+        step: int,
+        event: str,
+        state: str | None,
+        snapshot: bytes,
+        durable: bool = True,
+    ) -> None:
+        """Commit one snapshot, fenced by the owning execution's claim (see
+        ``save_checkpoints``)."""
+        row = CheckpointRow(execution_id, key, step, event, state, snapshot)
+        await self.save_checkpoints(owner_id=owner_id, fence=fence, rows=[row], durable=durable)
+
+    async def save_checkpoints(
+        self, *, owner_id: str, fence: int, rows: Sequence[CheckpointRow], durable: bool = True
+    ) -> None:
+        """Commit snapshots in order, in one transaction fenced by the owner's claim.
+
+        A snapshot row is also the latest pointer (latest = highest id), so a
+        snapshot and its pointer are one insert. A durable save is on disk when
+        this returns; a non-durable one (progress markers) may trail it until
+        the next durable commit, which flushes the log through it.
+        """
+        if not rows:
+            return
+        drv = self.db.driver if durable else self.db.progress_driver
+        first = None if durable else self.db.dialect.progress_commit_sql()
+
+        def tx(cur: Any) -> None:
+            if first:
+                cur.execute(first)
+            now = drv.time(utcnow())
+            fenced_touch(cur, drv, owner_id, fence, rows, now)
+            insert_checkpoints(cur, drv, rows, fence, now)
+
+        await self.db.on_cursor(tx, durable=durable)
+
+    async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
+        stmt = (
+            sa.select(checkpoints.c.snapshot)
+            .where(checkpoints.c.execution_id == execution_id, checkpoints.c.key == key)
+            .order_by(checkpoints.c.id.desc())
+            .limit(1)
+        )
+
+        def tx(conn: sa.Connection) -> bytes | None:
+            return conn.scalar(stmt)
+
+        return await self.db.read(tx)
+
+    async def latest_checkpoint(self, execution_id: str) -> tuple[str, bytes] | None:
+        stmt = (
+            sa.select(checkpoints.c.key, checkpoints.c.snapshot)
+            .where(checkpoints.c.execution_id == execution_id)
+            .order_by(checkpoints.c.id.desc())
+            .limit(1)
+        )
+
+        def tx(conn: sa.Connection) -> tuple[str, bytes] | None:
+            row = (conn.execute(stmt)).first()
+            return (row.key, bytes(row.snapshot)) if row else None
+
+        return await self.db.read(tx)
+
+    async def latest_snapshot_ids(self) -> list[tuple[str, bytes]]:
+        """(execution id, latest snapshot) for every execution with checkpoints."""
+        latest = (
+            sa.select(sa.func.max(checkpoints.c.id).label("id"))
+            .group_by(checkpoints.c.execution_id)
+            .subquery()
+        )
+        stmt = (
+            sa.select(checkpoints.c.execution_id, checkpoints.c.snapshot)
+            .join(latest, latest.c.id == checkpoints.c.id)
+            .order_by(checkpoints.c.execution_id)
+        )
+
+        def tx(conn: sa.Connection) -> list[tuple[str, bytes]]:
+            return [(r.execution_id, bytes(r.snapshot)) for r in conn.execute(stmt)]
+
+        return await self.db.read(tx)
+
+    async def delete_checkpoints(self, execution_id: str, key: str | None = None) -> None:
+        stmt = sa.delete(checkpoints).where(checkpoints.c.execution_id == execution_id)
+        if key is not None:
+            stmt = stmt.where(checkpoints.c.key == key)
+
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(stmt)
+
+        await self.db.write(tx)
+
+    # ------------------------------------------------------------- outcome

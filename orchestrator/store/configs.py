@@ -1,0 +1,42 @@
+"""Machine configs by content hash: an execution runs the config it was submitted with."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from ..clock import utcnow
+from .db import Database
+from .models import configs, executions
+
+
+class Configs:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def put_config(self, config_hash: str, machine_name: str, raw: str) -> str:
+        stmt = (
+            self.db.insert(configs)
+            .values(hash=config_hash, machine_name=machine_name, raw=raw, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["hash"])
+        )
+
+        def tx(conn: sa.Connection) -> None:
+            conn.execute(stmt)
+
+        await self.db.write(tx)
+        return config_hash
+
+    async def get_config(self, config_hash: str) -> str | None:
+        def tx(conn: sa.Connection) -> str | None:
+            return conn.scalar(sa.select(configs.c.raw).where(configs.c.hash == config_hash))
+
+        return await self.db.read(tx)
+
+    async def delete_config(self, config_hash: str) -> None:
+        def tx(conn: sa.Connection) -> None:
+            in_use = sa.select(executions.c.id).where(executions.c.config_hash == config_hash)
+            conn.execute(
+                sa.delete(configs).where(configs.c.hash == config_hash, ~sa.exists(in_use))
+            )
+
+        await self.db.write(tx)

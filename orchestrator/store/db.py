@@ -1,0 +1,93 @@
+"""One database: its engines, its dialect, and the one way to run a transaction.
+
+Every aggregate of the store (executions, checkpoints, workers, …) holds the
+same ``Database`` and runs its verbs through ``read`` / ``write`` (SQLAlchemy
+Core) or ``on_cursor`` (the driver's own cursor, for the few hot statements).
+Each transaction runs whole on one of the store's threads: one thread hop per
+transaction, where an async driver costs several. Lock contention and a
+database that does not answer are waited out for up to ``patience`` seconds
+(engine.py), then ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from ..settings import Settings
+from . import engine as eng
+from .dialect import POOL_SIZE, Dialect, dialect_of
+
+T = TypeVar("T")
+
+
+class Database:
+    def __init__(self, url: sa.URL, settings: Settings, *, patience: float | None = None):
+        self.url = url
+        self.settings = settings
+        self.dialect: Dialect = dialect_of(url)
+        # seconds a transaction waits out a store that does not answer
+        self.patience = settings.store_patience if patience is None else patience
+        busy = settings.sqlite_busy_timeout_ms
+        self.engine = eng.create_engine(url, synchronous=settings.sqlite_synchronous, busy_ms=busy)
+        # Progress markers (a checkpoint that is not a durability point) commit
+        # without waiting for the disk. The next durable commit flushes the log
+        # up to and including them, so nothing durable ever depends on them.
+        self.progress_engine = self.dialect.progress_engine(
+            url, self.engine, busy_ms=busy, create=eng.create_engine
+        )
+        self.driver = eng.Driver(self.engine, patience=self.patience)
+        self.progress_driver = eng.Driver(self.progress_engine, patience=self.patience)
+        self._threads = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="store")
+
+    async def run(
+        self,
+        fn: Callable[[sa.Connection], T],
+        *,
+        write: bool,
+        durable: bool = True,
+        patience: float | None = None,
+    ) -> T:
+        """``fn(connection)`` in one transaction; ``fn`` must be safe to run again."""
+        engine = self.engine if durable else self.progress_engine
+        wait = self.patience if patience is None else patience
+        return await self.call(lambda: eng.run_transaction(engine, fn, write=write, patience=wait))
+
+    async def write(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await self.run(fn, write=True)
+
+    async def read(self, fn: Callable[[sa.Connection], T]) -> T:
+        return await self.run(fn, write=False)
+
+    async def on_cursor(self, fn: Callable[[Any], T], *, durable: bool = True) -> T:
+        """``fn(cursor)`` in one write transaction on the driver's own cursor."""
+        driver = self.driver if durable else self.progress_driver
+        return await self.call(lambda: driver.run(fn, write=True))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on one of the store's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+
+    def insert(self, table: sa.Table) -> Any:
+        return self.dialect.insert(table)
+
+    async def upgrade(self) -> None:
+        await self.call(
+            lambda: eng.upgrade(
+                self.url,
+                synchronous=self.settings.sqlite_synchronous,
+                busy_ms=self.settings.sqlite_busy_timeout_ms,
+            )
+        )
+
+    async def close(self) -> None:
+        def dispose() -> None:
+            self.engine.dispose()
+            self.progress_engine.dispose()
+
+        await self.call(dispose)
+        self._threads.shutdown(wait=True)

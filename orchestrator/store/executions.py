@@ -1,0 +1,499 @@
+"""Executions and their claims: submit, claim, lease, outcome, retry, cancel.
+
+The whole concurrency story of an execution lives here: ``claim`` (one
+runnable row, fence += 1), ``renew_leases``, and ``finish`` / ``release`` /
+``retry_later``, each refused unless the row still holds the caller's fence.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..clock import lease_deadline, utcnow
+from ..errors import ExecutionNotFound, LeaseLost, UserError
+from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
+from .db import Database
+from .models import FINAL_STATUSES, executions, queues, workers
+from .records import CheckpointRow, Claim, Execution, NewExecution
+
+
+def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
+    """The row is still running under this claim: the condition of every fenced write."""
+    return sa.and_(
+        executions.c.id == execution_id,
+        executions.c.fence == fence,
+        executions.c.status == "running",
+    )
+
+
+# The claim's statements, built once: SQLAlchemy then reuses their compiled
+# form instead of building and keying new statements per claim.
+_QUEUES = sa.bindparam("b_queues", expanding=True)
+_RUNNABLE_EXPIRED = (
+    sa.select(executions.c.id, executions.c.recoveries)
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.status == "running",
+        executions.c.lease_until < sa.bindparam("b_now"),
+    )
+    .order_by(executions.c.lease_until)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_RUNNABLE_QUEUED = (
+    sa.select(executions.c.id, executions.c.recoveries)
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.status == "queued",
+        sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= sa.bindparam("b_now")),
+    )
+    # ties in created_at (a batch submit) are left to the index order: sorting
+    # them by id would make every claim sort the whole batch
+    .order_by(executions.c.priority.desc(), executions.c.created_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+_TAKE = (
+    sa.update(executions)
+    .where(executions.c.id == sa.bindparam("b_id"))
+    .values(
+        status="running",
+        worker_id=sa.bindparam("b_worker"),
+        lease_until=sa.bindparam("b_lease_until"),
+        fence=executions.c.fence + 1,
+        recoveries=executions.c.recoveries + sa.bindparam("b_recovered"),
+        not_before=None,
+        started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
+        updated_at=sa.bindparam("b_now"),
+    )
+    .returning(*executions.c)
+)
+
+_RAW_FINISH = (
+    "UPDATE executions SET status = ?, output = {json}, error = ?, lease_until = NULL,"
+    f" updated_at = ?, finished_at = ? {RAW_HELD}"
+)
+_RAW_COUNT = "UPDATE workers SET {col} = {col} + 1 WHERE id = ?"
+
+
+def get_in(conn: sa.Connection, execution_id: str) -> Execution:
+    """The execution, inside a caller's transaction; ExecutionNotFound if none."""
+    row = (
+        conn.execute(sa.select(executions).where(executions.c.id == execution_id))
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise ExecutionNotFound(execution_id)
+    return Execution.from_row(row)
+
+
+def requeue_held_by(conn: sa.Connection, worker_ids: Sequence[str], now: Any) -> None:
+    """Inside a caller's transaction: what these (dead) workers ran goes back to
+    its queue at once, as a recovery (fence += 1, recoveries += 1)."""
+    conn.execute(
+        sa.update(executions)
+        .where(executions.c.worker_id.in_(list(worker_ids)), executions.c.status == "running")
+        .values(
+            status="queued",
+            fence=executions.c.fence + 1,
+            recoveries=executions.c.recoveries + 1,
+            worker_id=None,
+            lease_until=None,
+            updated_at=now,
+        )
+    )
+
+
+class Executions:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def submit(self, new: Sequence[NewExecution]) -> list[tuple[Execution, bool]]:
+        """Insert executions; an id that exists already returns the existing row.
+
+        Returns (execution, created) per item, in order, all in one transaction.
+        """
+        now = utcnow()
+
+        def tx(conn: sa.Connection) -> list[tuple[Execution, bool]]:
+            for q in {n.queue for n in new}:
+                conn.execute(
+                    self.db.insert(queues)
+                    .values(name=q, created_at=now)
+                    .on_conflict_do_nothing(index_elements=["name"])
+                )
+            out = []
+            for n in new:
+                inserted = conn.execute(
+                    self.db.insert(executions)
+                    .values(
+                        id=n.id,
+                        machine=n.machine,
+                        config_hash=n.config_hash,
+                        queue=n.queue,
+                        priority=n.priority,
+                        status="queued",
+                        input=n.input,
+                        attempt=1,
+                        max_attempts=n.max_attempts,
+                        retry_backoff=n.retry_backoff,
+                        retry_backoff_max=n.retry_backoff_max,
+                        recoveries=0,
+                        not_before=n.not_before,
+                        parent_id=n.parent_id,
+                        fence=0,
+                        step=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                    .returning(*executions.c)
+                )
+                row = inserted.mappings().first()
+                created = row is not None
+                if row is None:
+                    row = (
+                        (conn.execute(sa.select(executions).where(executions.c.id == n.id)))
+                        .mappings()
+                        .one()
+                    )
+                out.append((Execution.from_row(row), created))
+            return out
+
+        return await self.db.write(tx)
+
+    # ------------------------------------------------------------- reading
+
+    async def get(self, execution_id: str) -> Execution | None:
+        def tx(conn: sa.Connection) -> Execution | None:
+            row = (
+                (conn.execute(sa.select(executions).where(executions.c.id == execution_id)))
+                .mappings()
+                .first()
+            )
+            return Execution.from_row(row) if row else None
+
+        return await self.db.read(tx)
+
+    async def list_executions(
+        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+    ) -> list[Execution]:
+        stmt = sa.select(executions).order_by(
+            executions.c.created_at.desc(), executions.c.id.desc()
+        )
+        if status:
+            stmt = stmt.where(executions.c.status == status)
+        if queue:
+            stmt = stmt.where(executions.c.queue == queue)
+        stmt = stmt.limit(limit)
+
+        def tx(conn: sa.Connection) -> list[Execution]:
+            return [Execution.from_row(r) for r in (conn.execute(stmt)).mappings()]
+
+        return await self.db.read(tx)
+
+    async def count_by_status(self) -> dict[str, int]:
+        stmt = sa.select(executions.c.status, sa.func.count()).group_by(executions.c.status)
+
+        def tx(conn: sa.Connection) -> dict[str, int]:
+            return {s: n for s, n in conn.execute(stmt)}
+
+        return await self.db.read(tx)
+
+    # --------------------------------------------------------------- claim
+
+    async def claim(self, worker_id: str, queue_names: Sequence[str]) -> Claim | None:
+        """Take the best runnable execution: an expired lease first, else the
+        highest-priority, oldest due queued row. One transaction; fence += 1."""
+        ttl = self.db.settings.lease_ttl
+        cap = self.db.settings.max_recoveries
+
+        names = list(queue_names)
+
+        def tx(conn: sa.Connection) -> Claim | None:
+            now = utcnow()
+            params = {"b_queues": names, "b_now": now}
+            while True:
+                recovered = True
+                row = conn.execute(_RUNNABLE_EXPIRED, params).first()
+                if row is None:
+                    recovered = False
+                    row = conn.execute(_RUNNABLE_QUEUED, params).first()
+                if row is None:
+                    return None
+                if recovered and row.recoveries + 1 > cap:
+                    # a poison execution: it has killed its worker too often
+                    conn.execute(
+                        sa.update(executions)
+                        .where(executions.c.id == row.id)
+                        .values(
+                            status="failed",
+                            error=f"crashed its worker {row.recoveries + 1} times "
+                            f"(cap ORCH_MAX_RECOVERIES={cap})",
+                            lease_until=None,
+                            fence=executions.c.fence + 1,
+                            finished_at=now,
+                            updated_at=now,
+                        )
+                    )
+                    continue
+                claimed = (
+                    conn.execute(
+                        _TAKE,
+                        {
+                            "b_id": row.id,
+                            "b_worker": worker_id,
+                            "b_lease_until": lease_deadline(now, ttl),
+                            "b_recovered": 1 if recovered else 0,
+                            "b_now": now,
+                        },
+                    )
+                    .mappings()
+                    .one()
+                )
+                ex = Execution.from_row(claimed)
+                return Claim(ex, worker_id, ex.fence, recovered)
+
+        return await self.db.write(tx)
+
+    async def renew_leases(
+        self, worker_id: str, held: dict[str, int]
+    ) -> tuple[set[str], str | None]:
+        """Extend every lease this worker still holds and heartbeat the worker.
+
+        Returns (ids whose fence moved on, the worker's status in the store).
+        """
+        ttl = self.db.settings.lease_ttl
+
+        def tx(conn: sa.Connection) -> tuple[set[str], str | None]:
+            now = utcnow()
+            kept: set[str] = set()
+            if held:
+                result = conn.execute(
+                    sa.update(executions)
+                    .where(
+                        executions.c.worker_id == worker_id,
+                        executions.c.status == "running",
+                        executions.c.id.in_(list(held)),
+                    )
+                    .values(lease_until=lease_deadline(now, ttl))
+                    .returning(executions.c.id, executions.c.fence)
+                )
+                kept = {r.id for r in result if held.get(r.id) == r.fence}
+            status = conn.scalar(
+                sa.update(workers)
+                .where(workers.c.id == worker_id)
+                .values(
+                    last_heartbeat=now,
+                    running=len(held),
+                    # a worker the reaper gave up on is back (it was paused, say)
+                    status=sa.case((workers.c.status == "lost", "active"), else_=workers.c.status),
+                )
+                .returning(workers.c.status)
+            )
+            return set(held) - kept, status
+
+        return await self.db.write(tx)
+
+    async def holds_fence(self, execution_id: str, fence: int) -> bool:
+        def tx(conn: sa.Connection) -> bool:
+            current = conn.scalar(
+                sa.select(executions.c.fence).where(
+                    executions.c.id == execution_id, executions.c.status == "running"
+                )
+            )
+            return current == fence
+
+        return await self.db.read(tx)
+
+    async def finish(
+        self,
+        claim: Claim,
+        *,
+        status: str,
+        output: Any = None,
+        error: str | None = None,
+        checkpoints: Sequence[CheckpointRow] = (),
+    ) -> None:
+        """Record a final outcome (completed | failed) or park (waiting), fenced.
+
+        ``checkpoints`` not yet written (the run's last progress markers and its
+        ``machine_end``) commit in the same transaction, ahead of the outcome."""
+        assert status in ("completed", "failed", "waiting")
+        counter = {"completed": "completed", "failed": "failed"}.get(status)
+        drv = self.db.driver
+        finish = drv.sql(_RAW_FINISH.format(json=self.db.dialect.json_param))
+        count = drv.sql(_RAW_COUNT.format(col=counter)) if counter else None
+        output_json = None if output is None else json.dumps(output)
+        ex_id, fence = claim.execution.id, claim.fence
+
+        def tx(cur: Any) -> None:
+            now = drv.time(utcnow())
+            finished = None if status == "waiting" else now
+            if checkpoints:  # while the row is still running: the fence, step and state
+                fenced_touch(cur, drv, ex_id, fence, checkpoints, now)
+                insert_checkpoints(cur, drv, checkpoints, fence, now)
+            cur.execute(finish, (status, output_json, error, now, finished, ex_id, fence))
+            if cur.rowcount != 1:
+                raise LeaseLost(ex_id, fence)
+            if count:
+                cur.execute(count, (claim.worker_id,))
+
+        await self.db.on_cursor(tx)
+
+    async def release(self, claim: Claim) -> bool:
+        """Give a running execution back to its queue (drain); it resumes from
+        its last checkpoint on the next claim. False if the lease was lost."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            result = conn.execute(
+                sa.update(executions)
+                .where(_held(claim.execution.id, claim.fence))
+                .values(status="queued", worker_id=None, lease_until=None, updated_at=now)
+            )
+            return result.rowcount == 1
+
+        return await self.db.write(tx)
+
+    async def release_orphans(self, worker_id: str, running: Iterable[str]) -> list[str]:
+        """Executions the store says this worker holds but it no longer runs go
+        back to their queue: a run abandoned because the store stopped answering,
+        or a claim whose reply was lost with the connection. They resume from
+        their last checkpoint on the next claim (this worker's or another's)."""
+        keep = list(running)
+
+        def tx(conn: sa.Connection) -> list[str]:
+            stmt = (
+                sa.update(executions)
+                .where(executions.c.worker_id == worker_id, executions.c.status == "running")
+                .values(status="queued", worker_id=None, lease_until=None, updated_at=utcnow())
+                .returning(executions.c.id)
+            )
+            if keep:
+                stmt = stmt.where(executions.c.id.not_in(keep))
+            return [r.id for r in conn.execute(stmt)]
+
+        return await self.db.write(tx)
+
+    async def retry_later(self, claim: Claim, *, error: str, delay: float) -> bool:
+        """Back to the queue for the next attempt after ``delay`` seconds (fenced).
+        It resumes from its last checkpoint. False if the lease was lost."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            result = conn.execute(
+                sa.update(executions)
+                .where(_held(claim.execution.id, claim.fence))
+                .values(
+                    status="queued",
+                    attempt=executions.c.attempt + 1,
+                    error=error,
+                    not_before=now + timedelta(seconds=delay),
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            )
+            return result.rowcount == 1
+
+        return await self.db.write(tx)
+
+    async def cancel(self, execution_id: str) -> Execution:
+        """Cancel any non-final execution. fence += 1, so a worker running it
+        has its next write refused and abandons it."""
+
+        def tx(conn: sa.Connection) -> Execution:
+            now = utcnow()
+            conn.execute(
+                sa.update(executions)
+                .where(executions.c.id == execution_id, executions.c.status.not_in(FINAL_STATUSES))
+                .values(
+                    status="cancelled",
+                    fence=executions.c.fence + 1,
+                    lease_until=None,
+                    finished_at=now,
+                    updated_at=now,
+                )
+            )
+            return get_in(conn, execution_id)
+
+        return await self.db.write(tx)
+
+    async def retry(self, execution_id: str) -> Execution:
+        """Queue a failed or cancelled execution again; it resumes from its last
+        checkpoint with a fresh attempt."""
+
+        def tx(conn: sa.Connection) -> Execution:
+            ex = get_in(conn, execution_id)
+            if ex.status not in ("failed", "cancelled"):
+                raise UserError(
+                    f"execution {execution_id} is {ex.status}: only failed or cancelled "
+                    "executions can be retried"
+                )
+            now = utcnow()
+            conn.execute(
+                sa.update(executions)
+                .where(executions.c.id == execution_id)
+                .values(
+                    status="queued",
+                    attempt=executions.c.attempt + 1,
+                    max_attempts=self.db.dialect.greatest(
+                        executions.c.max_attempts, executions.c.attempt + 1
+                    ),
+                    recoveries=0,
+                    not_before=None,
+                    worker_id=None,
+                    lease_until=None,
+                    finished_at=None,
+                    updated_at=now,
+                )
+            )
+            return get_in(conn, execution_id)
+
+        return await self.db.write(tx)
+
+    async def requeue_expired(self) -> tuple[list[str], list[str]]:
+        """Running executions whose lease expired go back to their queue
+        (recoveries += 1, fence += 1); past the recovery cap they fail.
+        Returns (requeued ids, failed ids)."""
+        cap = self.db.settings.max_recoveries
+
+        def tx(conn: sa.Connection) -> tuple[list[str], list[str]]:
+            now = utcnow()
+            expired = conn.execute(
+                sa.select(executions.c.id, executions.c.recoveries)
+                .where(executions.c.status == "running", executions.c.lease_until < now)
+                .with_for_update(skip_locked=True)
+            ).all()
+            requeued, failed = [], []
+            for row in expired:
+                common = dict(
+                    fence=executions.c.fence + 1,
+                    recoveries=executions.c.recoveries + 1,
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                if row.recoveries + 1 > cap:
+                    values = dict(
+                        common,
+                        status="failed",
+                        finished_at=now,
+                        error=f"crashed its worker {row.recoveries + 1} times "
+                        f"(cap ORCH_MAX_RECOVERIES={cap})",
+                    )
+                    failed.append(row.id)
+                else:
+                    values = dict(common, status="queued")
+                    requeued.append(row.id)
+                conn.execute(sa.update(executions).where(executions.c.id == row.id).values(values))
+            return requeued, failed
+
+        return await self.db.write(tx)

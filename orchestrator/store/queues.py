@@ -1,0 +1,289 @@
+"""Queues: their pool policy and statistics, scaling events, and cron schedules."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..clock import utcnow
+from .db import Database
+from .executions import get_in
+from .models import executions, queues, scaling_events, schedules, workers
+from .records import Execution
+
+
+class Queues:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def add_schedule(
+        self,
+        *,
+        name: str,
+        machine: str,
+        config_hash: str,
+        cron: str,
+        input: dict[str, Any],
+        queue: str,
+        next_fire_at: datetime,
+    ) -> bool:
+        """False if a schedule of that name exists (nothing changes)."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            conn.execute(
+                self.db.insert(queues)
+                .values(name=queue, created_at=now)
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            added = conn.scalar(
+                self.db.insert(schedules)
+                .values(
+                    name=name,
+                    machine=machine,
+                    config_hash=config_hash,
+                    cron=cron,
+                    input=input,
+                    queue=queue,
+                    next_fire_at=next_fire_at,
+                    created_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["name"])
+                .returning(schedules.c.name)
+            )
+            return added is not None
+
+        return await self.db.write(tx)
+
+    async def list_schedules(self) -> list[dict[str, Any]]:
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(sa.select(schedules).order_by(schedules.c.name)).mappings()
+            return [dict(r) for r in rows]
+
+        return await self.db.read(tx)
+
+    async def remove_schedule(self, name: str) -> bool:
+        def tx(conn: sa.Connection) -> bool:
+            return conn.execute(sa.delete(schedules).where(schedules.c.name == name)).rowcount == 1
+
+        return await self.db.write(tx)
+
+    async def fire_due_schedules(
+        self, next_fire: Callable[[str, datetime], datetime]
+    ) -> list[tuple[str, datetime, Execution]]:
+        """Submit one execution per due schedule and move it to its next fire time.
+
+        A schedule that missed several ticks fires once, for the latest missed
+        tick. The execution id names the schedule and the tick, so two
+        schedulers (or a retried transaction) can never fire a tick twice.
+        """
+
+        def tx(conn: sa.Connection) -> list[tuple[str, datetime, Execution]]:
+            now = utcnow()
+            due = (
+                conn.execute(
+                    sa.select(schedules)
+                    .where(schedules.c.next_fire_at <= now)
+                    .with_for_update(skip_locked=True)
+                )
+                .mappings()
+                .all()
+            )
+            fired = []
+            for sch in due:
+                tick = sch["next_fire_at"]
+                while (following := next_fire(sch["cron"], tick)) <= now:
+                    tick = following  # missed ticks collapse into the latest one
+                ex_id = f"{sch['name']}@{tick.isoformat(timespec='minutes')}"
+                conn.execute(
+                    self.db.insert(executions)
+                    .values(
+                        id=ex_id,
+                        machine=sch["machine"],
+                        config_hash=sch["config_hash"],
+                        queue=sch["queue"],
+                        priority=0,
+                        status="queued",
+                        input=sch["input"],
+                        attempt=1,
+                        max_attempts=1,
+                        recoveries=0,
+                        fence=0,
+                        step=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+                conn.execute(
+                    sa.update(schedules)
+                    .where(schedules.c.name == sch["name"])
+                    .values(last_fired_at=tick, next_fire_at=following)
+                )
+                fired.append((sch["name"], tick, get_in(conn, ex_id)))
+            return fired
+
+        return await self.db.write(tx)
+
+    # ------------------------------------------------------------- scaling
+
+    async def set_queue_policy(
+        self, queue: str, *, min_workers: int, max_workers: int, per_worker: int | None = None
+    ) -> bool:
+        """Set a queue's pool policy, creating the queue. True if it existed."""
+
+        def tx(conn: sa.Connection) -> bool:
+            now = utcnow()
+            existed = conn.scalar(sa.select(queues.c.name).where(queues.c.name == queue))
+            values: dict[str, Any] = dict(min_workers=min_workers, max_workers=max_workers)
+            if per_worker is not None:
+                values["per_worker"] = per_worker
+            if existed is None:
+                conn.execute(sa.insert(queues).values(name=queue, created_at=now, **values))
+            else:
+                conn.execute(sa.update(queues).where(queues.c.name == queue).values(**values))
+            return existed is not None
+
+        return await self.db.write(tx)
+
+    async def queue_exists(self, queue: str) -> bool:
+        def tx(conn: sa.Connection) -> bool:
+            return conn.scalar(sa.select(queues.c.name).where(queues.c.name == queue)) is not None
+
+        return await self.db.read(tx)
+
+    async def scaling_snapshot(self) -> list[dict[str, Any]]:
+        """Per queue: policy, runnable backlog, running, and live workers
+        (active, not draining) with how many of them are idle."""
+
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            now = utcnow()
+            out: dict[str, dict[str, Any]] = {}
+            for q in conn.execute(sa.select(queues)).mappings():
+                out[q["name"]] = {
+                    "queue": q["name"],
+                    "min_workers": q["min_workers"],
+                    "max_workers": q["max_workers"],
+                    "per_worker": q["per_worker"],
+                    "last_scaled_at": q["last_scaled_at"],
+                    "paused": bool(q["paused"]),
+                    "backlog": 0,
+                    "running": 0,
+                    "workers": [],
+                }
+            backlog = (
+                sa.select(executions.c.queue, sa.func.count())
+                .where(
+                    executions.c.status == "queued",
+                    sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= now),
+                )
+                .group_by(executions.c.queue)
+            )
+            for name, n in conn.execute(backlog):
+                if name in out:
+                    out[name]["backlog"] = n
+            running = (
+                sa.select(executions.c.queue, sa.func.count())
+                .where(executions.c.status == "running")
+                .group_by(executions.c.queue)
+            )
+            for name, n in conn.execute(running):
+                if name in out:
+                    out[name]["running"] = n
+            live = conn.execute(sa.select(workers).where(workers.c.status == "active")).mappings()
+            for w in live:
+                names = w["queues"]
+                if isinstance(names, str):
+                    names = json.loads(names)
+                for name in names:
+                    if name in out:
+                        out[name]["workers"].append(
+                            {
+                                "id": w["id"],
+                                "host": w["host"],
+                                "pid": w["pid"],
+                                "running": w["running"],
+                            }
+                        )
+            return [out[k] for k in sorted(out)]
+
+        return await self.db.read(tx)
+
+    async def record_scaling(
+        self, queue: str, *, from_workers: int, to_workers: int, reason: str
+    ) -> None:
+        def tx(conn: sa.Connection) -> None:
+            now = utcnow()
+            conn.execute(
+                sa.insert(scaling_events).values(
+                    queue=queue,
+                    at=now,
+                    from_workers=from_workers,
+                    to_workers=to_workers,
+                    reason=reason,
+                )
+            )
+            conn.execute(sa.update(queues).where(queues.c.name == queue).values(last_scaled_at=now))
+
+        await self.db.write(tx)
+
+    async def scaling_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                sa.select(scaling_events).order_by(scaling_events.c.id.desc()).limit(limit)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+        return await self.db.read(tx)
+
+    async def queue_stats(self) -> list[dict[str, Any]]:
+        """Per queue: policy, executions per status, live workers serving it."""
+
+        def tx(conn: sa.Connection) -> list[dict[str, Any]]:
+            stats: dict[str, dict[str, Any]] = {}
+
+            def entry(name: str) -> dict[str, Any]:
+                return stats.setdefault(
+                    name,
+                    {
+                        "queue": name,
+                        "queued": 0,
+                        "running": 0,
+                        "waiting": 0,
+                        "completed": 0,
+                        "failed": 0,
+                        "cancelled": 0,
+                        "workers": 0,
+                        "min_workers": 0,
+                        "max_workers": 0,
+                        "per_worker": 0,
+                        "paused": False,
+                    },
+                )
+
+            for q in (conn.execute(sa.select(queues))).mappings():
+                e = entry(q["name"])
+                e.update(
+                    min_workers=q["min_workers"],
+                    max_workers=q["max_workers"],
+                    per_worker=q["per_worker"],
+                    paused=bool(q["paused"]),
+                )
+            counts = sa.select(executions.c.queue, executions.c.status, sa.func.count()).group_by(
+                executions.c.queue, executions.c.status
+            )
+            for name, status, n in conn.execute(counts):
+                entry(name)[status] = n
+            live = sa.select(workers.c.queues).where(workers.c.status.in_(("active", "draining")))
+            for (names,) in conn.execute(live):
+                if isinstance(names, str):  # JSON stored as text by some drivers
+                    names = json.loads(names)
+                for name in names:
+                    entry(name)["workers"] += 1
+            return [stats[k] for k in sorted(stats)]
+
+        return await self.db.read(tx)

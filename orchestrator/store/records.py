@@ -1,0 +1,122 @@
+"""The store's records: what a verb takes in and hands back (immutable)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from typing import Any
+
+from .models import FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    id: str
+    machine: str
+    config_hash: str
+    queue: str
+    priority: int
+    status: str
+    input: dict[str, Any]
+    output: Any
+    error: str | None
+    attempt: int
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
+    recoveries: int
+    not_before: datetime | None
+    parent_id: str | None
+    worker_id: str | None
+    lease_until: datetime | None
+    fence: int
+    current_state: str | None
+    step: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Execution:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class NewExecution:
+    """What a submit puts in: the caller's side of an executions row."""
+
+    id: str
+    machine: str
+    config_hash: str
+    input: dict[str, Any]
+    queue: str = "default"
+    priority: int = 0
+    max_attempts: int = 1
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    not_before: datetime | None = None
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A lease on one execution: valid while the row's fence equals ``fence``."""
+
+    execution: Execution
+    worker_id: str
+    fence: int
+    recovered: bool  # taken over from an expired lease
+    # when this process took it (time.monotonic), to know a lease is still young
+    taken_at: float = field(default_factory=time.monotonic, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRow:
+    """One snapshot to write: the library's key and its parsed header fields."""
+
+    execution_id: str
+    key: str
+    step: int
+    event: str
+    state: str | None
+    snapshot: bytes
+    # when the machine took it (naive UTC); None: when it commits
+    at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    step: int
+    event: str
+    state: str | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    status: str
+    started_at: datetime
+    last_heartbeat: datetime
+    stopped_at: datetime | None
+    running: int
+    completed: int
+    failed: int
+    # flatmachines' RegistrationBackend fields (a distributed-pattern worker)
+    capabilities: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    current_task_id: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> WorkerRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
