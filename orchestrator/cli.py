@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
+import signal as signals_module
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -71,7 +71,7 @@ async def open_store_waiting(settings: Settings) -> Store:
     waiting = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signals_module.SIGTERM, signals_module.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         while True:
@@ -91,7 +91,7 @@ async def open_store_waiting(settings: Settings) -> Store:
                 click.echo("orch: the database is answering; starting", err=True)
             return store
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signals_module.SIGTERM, signals_module.SIGINT):
             loop.remove_signal_handler(sig)
 
 
@@ -120,6 +120,9 @@ def execution_json(ex: Execution) -> dict[str, Any]:
         "updated_at": iso(ex.updated_at),
         "started_at": iso(ex.started_at),
         "finished_at": iso(ex.finished_at),
+        "waiting_channel": ex.waiting_channel,
+        "wake_at": iso(ex.wake_at),
+        "cancel_reason": ex.cancel_reason,
     }
 
 
@@ -447,6 +450,12 @@ def show(ctx, execution_id, as_json):
             "updated_at",
         ):
             click.echo(f"{key:>14}: {doc[key]}")
+        if ex.status == "waiting" or doc["waiting_channel"]:
+            click.echo(f"{'waiting on':>14}: {doc['waiting_channel']}")
+        if doc["wake_at"]:
+            click.echo(f"{'wakes at':>14}: {doc['wake_at']}")
+        if doc["cancel_reason"]:
+            click.echo(f"{'cancelled for':>14}: {doc['cancel_reason']}")
         click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
         click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
         if doc["error"]:
@@ -614,11 +623,19 @@ def _change_execution(ctx, execution_id: str, as_json: bool, change, describe) -
 
 @cli.command()
 @click.argument("execution_id")
+@click.option("--reason", help="Why; kept with the execution.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def cancel(ctx, execution_id, as_json):
-    """Cancel an execution that has not finished; its worker abandons it."""
-    _change_execution(ctx, execution_id, as_json, Client.cancel, lambda ex: f"{ex.id} {ex.status}")
+def cancel(ctx, execution_id, reason, as_json):
+    """Cancel an unfinished execution: queued or waiting, it never runs; running,
+    its worker stops it within a third of the lease TTL."""
+    _change_execution(
+        ctx,
+        execution_id,
+        as_json,
+        lambda client, ex_id: client.cancel(ex_id, reason),
+        lambda ex: f"{ex.id} {ex.status}",
+    )
 
 
 @cli.command()
@@ -634,6 +651,90 @@ def retry(ctx, execution_id, as_json):
         Client.retry,
         lambda ex: f"{ex.id} {ex.status} (attempt {ex.attempt})",
     )
+
+
+def read_signal_data(data_json: str | None, data_file: str | None) -> Any:
+    """Any JSON value (null without either option); checked before anything is written."""
+    if data_json is not None and data_file is not None:
+        raise UserError("give --data or --data-file, not both")
+    if data_file is not None:
+        path = Path(data_file)
+        if not path.is_file():
+            raise UserError(f"data file not found: {path}")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    elif data_json is not None:
+        text, where = data_json, "--data"
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "give a value such as '{\"ok\": true}'"
+        ) from None
+
+
+@cli.command(name="signal")
+@click.argument("channel")
+@click.option("--data", "data_json", help="The signal's data, as JSON.")
+@click.option("--data-file", help="A file holding the data as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+@click.pass_context
+def signal_(ctx, channel, data_json, data_file, as_json):
+    """Send a durable signal on CHANNEL: the execution waiting longest on it takes
+    it and runs again; with nobody waiting it is kept until someone waits."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        data = read_signal_data(data_json, data_file)
+        if not channel.strip():
+            raise UserError("a signal needs a channel name, such as 'approval/job-1'")
+        async with await Client.open(settings) as client:
+            sent = await client.signal(channel, data)
+        if as_json:
+            emit_json({"id": sent.id, "channel": sent.channel, "woken": sent.woken})
+        elif sent.woken:
+            click.echo(f"signal {sent.id} on '{channel}' taken by {', '.join(sent.woken)}")
+        else:
+            click.echo(f"signal {sent.id} on '{channel}' kept until an execution waits for it")
+
+    run(body)
+
+
+@cli.command()
+@click.option("--channel", help="Only this channel.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def signals(ctx, channel, as_json):
+    """Signals not yet consumed, oldest first."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with await Client.open(settings) as client:
+            rows = await client.signals(channel)
+        docs = [
+            {
+                "id": r.id,
+                "channel": r.channel,
+                "data": r.data,
+                "created_at": iso(r.created_at),
+                "taken_by": r.assigned_to,
+            }
+            for r in rows
+        ]
+        if as_json:
+            emit_json(docs)
+            return
+        _table(
+            ["id", "channel", "data", "sent", "taken by"],
+            [
+                [str(d["id"]), d["channel"], json.dumps(d["data"]), d["created_at"], d["taken_by"]]
+                for d in docs
+            ],
+        )
+
+    run(body)
 
 
 @cli.command()

@@ -10,11 +10,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from . import timers
 from .clock import utcnow
 from .errors import ExecutionNotFound, StoreUnavailable, UserError
 from .machine_config import MachineConfig, load_machine_file
 from .settings import Settings
 from .store import CheckpointRecord, Execution, NewExecution, Store
+from .store.records import SignalRecord
 
 SUBMIT_BATCH = 500
 
@@ -23,6 +25,13 @@ SUBMIT_BATCH = 500
 class Submitted:
     execution: Execution
     created: bool  # False: the id existed, this is the existing execution
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSent:
+    id: int
+    channel: str
+    woken: list[str]  # the execution it was given to, if one was waiting
 
 
 class WaitTimeout(Exception):
@@ -176,8 +185,29 @@ class Client:
 
     # ---------------------------------------------------------- control
 
-    async def cancel(self, execution_id: str) -> Execution:
-        return await self.store.cancel(execution_id)
+    async def cancel(self, execution_id: str, reason: str | None = None) -> Execution:
+        """Cancel an unfinished execution (UserError if it finished already)."""
+        return await self.store.cancel(execution_id, reason)
+
+    # ---------------------------------------------------------- signals
+
+    async def signal(self, channel: str, data: Any = None) -> SignalSent:
+        """Send a durable signal: the execution waiting longest on ``channel``
+        takes it and becomes runnable in the same transaction; with nobody
+        waiting it is kept until someone does. One signal, one consumer."""
+        if not channel or not channel.strip():
+            raise UserError("a signal needs a channel name, such as 'approval/job-1'")
+        if timers.is_timer(channel):
+            raise UserError(
+                f"'{channel}' is a timer channel (sleep:/until:): it fires by itself; "
+                "send signals to any other name"
+            )
+        signal_id, woken = await self.store.send_signal(channel, data)
+        return SignalSent(signal_id, channel, woken)
+
+    async def signals(self, channel: str | None = None) -> list[SignalRecord]:
+        """Signals not yet consumed, oldest first."""
+        return await self.store.pending_signals(channel)
 
     async def retry(self, execution_id: str) -> Execution:
         """Resume a failed or cancelled execution from its last checkpoint."""

@@ -20,6 +20,7 @@ from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend
 from flatmachines.persistence import config_hash
 from flatmachines.validation import validate_flatmachine_config
 
+from . import timers
 from .errors import UserError
 
 
@@ -92,6 +93,20 @@ def _check_structure(config: Any, where: str) -> None:
                 raise UserError(
                     f"{where}: field 'data.states.{name}.transitions[{i}].to' names "
                     f"unknown state {target!r}"
+                )
+        wait_for = state.get("wait_for")
+        if isinstance(wait_for, str):
+            try:
+                timers.check_literal(wait_for)
+            except ValueError as exc:
+                raise UserError(f"{where}: field 'data.states.{name}.wait_for': {exc}") from None
+            timeout = state.get("timeout")
+            if timeout is not None and not (
+                isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
+            ):
+                raise UserError(
+                    f"{where}: field 'data.states.{name}.timeout' must be a number of seconds "
+                    f"above 0 (the wait's deadline), not {timeout!r}"
                 )
         on_error = state.get("on_error")
         targets = on_error.values() if isinstance(on_error, dict) else [on_error]

@@ -13,12 +13,17 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
+from flatmachines.signals import Signal
 
+from . import timers
+from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .store import CheckpointRow, Claim, Store
+from .store.records import WaitEnd
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,9 @@ class FencedPersistence(PersistenceBackend):
         self.resume_snapshot: tuple[str, bytes] | None = None
         # the owner's final states: their state_exit commits with the outcome
         self.final_states: frozenset[str] = frozenset()
+        # a wait that ended in this run: its signal is consumed (and the row
+        # waits no more) with the next durable commit of its progress
+        self._wait_end: WaitEnd | None = None
 
     @property
     def owner_id(self) -> str:
@@ -113,7 +121,8 @@ class FencedPersistence(PersistenceBackend):
         if event in PROGRESS_EVENTS or (
             execution_id == self.owner_id
             and (
-                event == "machine_end" or (event == "state_exit" and row.state in self.final_states)
+                event in ("machine_end", "waiting")
+                or (event == "state_exit" and row.state in self.final_states)
             )
         ):
             self._pending.append(row)
@@ -128,6 +137,16 @@ class FencedPersistence(PersistenceBackend):
         (after any write in flight, so row ids keep the save order)."""
         async with self._write_lock:
             return self._take()
+
+    def wait_ended(self, signal_id: int | None) -> None:
+        """The run's wait is over (a signal taken, or its time come)."""
+        consumed = self._wait_end.consumed if self._wait_end else ()
+        self._wait_end = WaitEnd(consumed + ((signal_id,) if signal_id is not None else ()))
+
+    def take_wait_end(self) -> WaitEnd | None:
+        """The ended wait, for the caller that commits the outcome or the park."""
+        wait, self._wait_end = self._wait_end, None
+        return wait
 
     def _take(self) -> list[CheckpointRow]:
         self._cancel_timer()
@@ -178,9 +197,14 @@ class FencedPersistence(PersistenceBackend):
                 rows.append(extra)
             if not rows:
                 return
+            wait = self.take_wait_end() if durable else None
             try:
                 await self.store.save_checkpoints(
-                    owner_id=self.owner_id, fence=self.claim.fence, rows=rows, durable=durable
+                    owner_id=self.owner_id,
+                    fence=self.claim.fence,
+                    rows=rows,
+                    durable=durable,
+                    wait=wait,
                 )
             except StoreUnavailable as exc:
                 if durable or exc.uncertain:
@@ -263,6 +287,67 @@ def _taken_at(raw: object) -> datetime | None:
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
 
+class StoreSignals:
+    """flatmachines' ``SignalBackend`` for one claimed run, on the store.
+
+    ``consume`` takes a signal under the run's claim; it is consumed when the
+    wait state's progress commits (so a crash in between loses neither). A
+    timer channel (``sleep:`` / ``until:``, see timers.py) yields its wake-up
+    once its time has come; a signal wait whose deadline (the state's
+    ``timeout``) has passed yields ``{"timed_out": true}``, unless a signal was
+    sent before the deadline.
+    """
+
+    def __init__(self, store: Store, claim: Claim, persistence: FencedPersistence):
+        self.store = store
+        self.claim = claim
+        self.persistence = persistence
+
+    async def consume(self, channel: str) -> Signal | None:
+        ex = self.claim.execution
+        now = utcnow()
+        # the wake-up time of the wait this run resumes, if it parked on this channel
+        wake = ex.wake_at if ex.waiting_channel == channel else None
+        if timers.is_timer(channel):
+            timers.wake_time(channel, now)  # a bad timer is the state's error
+            if not timers.due(wake, now):
+                return None
+            self.persistence.wait_ended(None)
+            return Signal(f"timer:{ex.id}", channel, {"woke_at": _iso(wake)}, _iso(now))
+        late = timers.due(wake, now)
+        try:
+            record = await self.store.reserve_signal(
+                ex.id, self.claim.fence, channel, sent_by=wake if late else None
+            )
+        except (LeaseLost, StoreUnavailable) as exc:
+            self.persistence.broken = exc
+            raise
+        if record is not None:
+            self.persistence.wait_ended(record.id)
+            return Signal(str(record.id), channel, record.data, _iso(record.created_at))
+        if late:
+            self.persistence.wait_ended(None)
+            return Signal(f"deadline:{ex.id}", channel, {"timed_out": True}, _iso(now))
+        return None
+
+    async def send(self, channel: str, data: Any) -> str:
+        signal_id, _ = await self.store.send_signal(channel, data)
+        return str(signal_id)
+
+    async def peek(self, channel: str) -> list[Signal]:
+        return [
+            Signal(str(r.id), r.channel, r.data, _iso(r.created_at))
+            for r in await self.store.pending_signals(channel)
+        ]
+
+    async def channels(self) -> list[str]:
+        return await self.store.signal_channels()
+
+
+def _iso(at: datetime | None) -> str:
+    return at.replace(tzinfo=UTC).isoformat() if at is not None else ""
+
+
 class FencedLock(ExecutionLock):
     """The claim is the lock: acquiring succeeds while the claim's fence holds.
 
@@ -313,4 +398,4 @@ def _machine_name(raw: str) -> str:
         return "unnamed-machine"
 
 
-__all__ = ["FencedPersistence", "FencedLock", "StoreConfigStore", "split_key"]
+__all__ = ["FencedPersistence", "FencedLock", "StoreConfigStore", "StoreSignals", "split_key"]

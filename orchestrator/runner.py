@@ -26,6 +26,7 @@ import json
 import logging
 import traceback
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, __version__
@@ -33,10 +34,18 @@ from flatmachines.adapters import create_registry
 from flatmachines.persistence import MachineSnapshot
 from flatmachines.utils import check_spec_version
 
+from . import timers
 from .app import registered_names
+from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
-from .persistence import DEFAULT_LINGER, FencedLock, FencedPersistence, StoreConfigStore
+from .persistence import (
+    DEFAULT_LINGER,
+    FencedLock,
+    FencedPersistence,
+    StoreConfigStore,
+    StoreSignals,
+)
 from .retry import backoff_delay
 from .store import Claim, Store
 
@@ -53,6 +62,9 @@ class Outcome:
     status: str
     output: Any = None
     error: str | None = None
+    # waiting: on what, and when it wakes by itself (a timer, a signal's deadline)
+    channel: str | None = None
+    wake_at: datetime | None = None
 
 
 class PinnedMachine(FlatMachine):
@@ -83,6 +95,10 @@ class PinnedMachine(FlatMachine):
         if "data" not in self.config:
             raise ValueError("Config missing 'data' section")
         self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+
+    async def _execute_state(self, state_name: str, context: dict[str, Any]) -> Any:
+        self.running_state = state_name  # a wait's deadline is its state's `timeout`
+        return await super()._execute_state(state_name, context)
 
     def _store_trouble(self, error: BaseException) -> bool:
         if isinstance(error, StoreUnavailable | LeaseLost):
@@ -173,13 +189,23 @@ class Runner:
     async def _record(
         self, claim: Claim, persistence: FencedPersistence, outcome: Outcome
     ) -> Outcome:
-        # the run's last markers and its machine_end commit with the outcome
+        # the run's last markers, and its machine_end or waiting checkpoint,
+        # commit with the outcome or the park
+        rows = await persistence.take_pending()
+        wait = persistence.take_wait_end()
+        if outcome.status == "waiting":
+            assert outcome.channel is not None
+            left = await self.store.park(
+                claim, channel=outcome.channel, wake_at=outcome.wake_at, checkpoints=rows, wait=wait
+            )
+            return outcome if left == "waiting" else Outcome("requeued", channel=outcome.channel)
         await self.store.finish(
             claim,
             status=outcome.status,
             output=_jsonable(outcome.output),
             error=outcome.error,
-            checkpoints=await persistence.take_pending(),
+            checkpoints=rows,
+            wait=wait,
         )
         return outcome
 
@@ -202,6 +228,7 @@ class Runner:
             hooks_registry=self.hooks_registry,
             persistence=persistence,
             lock=FencedLock(self.store, claim),
+            signal_backend=StoreSignals(self.store, claim, persistence),
             config_store=self.config_store,
             agent_registry=self.agent_registry,
             _execution_id=ex.id,
@@ -225,7 +252,10 @@ class Runner:
             result = await _resume(machine, persistence, rerun)
 
         if isinstance(result, dict) and result.get("_waiting"):
-            return Outcome("waiting", output={"channel": result.get("_channel")})
+            channel = str(result.get("_channel"))
+            state = config["data"]["states"].get(getattr(machine, "running_state", None)) or {}
+            wake_at = timers.wake_at(channel, state.get("timeout"), utcnow())
+            return Outcome("waiting", channel=channel, wake_at=wake_at)
         return Outcome("completed", output=result)
 
 

@@ -103,6 +103,7 @@ class Worker:
         self._drain_requested = False
         self._hard_stop = False
         self._keeper: LeaseKeeper | None = None
+        self._chores: set[asyncio.Task] = set()
         # the store stopped answering: claims back off, and runs it interrupted
         # (or a claim whose reply was lost) are given back once it answers again
         self._backoff = Backoff(first=min(self.settings.poll_interval, 0.5), cap=5.0)
@@ -293,7 +294,12 @@ class Worker:
                 self.failed += 1
             elif outcome.status == "interrupted":
                 self._orphans = True  # given back once the store answers
-            if outcome.status != "interrupted":
+            if outcome.status == "waiting":
+                until = f" until {outcome.wake_at.isoformat()}Z" if outcome.wake_at else ""
+                log.info("waiting %s on '%s'%s", ex_id, outcome.channel, until)
+            elif outcome.status == "requeued":
+                log.info("requeued %s: '%s' was ready as it parked", ex_id, outcome.channel)
+            elif outcome.status != "interrupted":
                 log.info("%s %s", outcome.status, ex_id)
         except asyncio.CancelledError:
             if ex_id not in self._lost:
@@ -313,13 +319,31 @@ class Worker:
             self._wake.set()
 
     def _abandon(self, lost: set[str]) -> None:
+        """Stop runs whose claim moved on: taken over, or cancelled."""
+        stopped = []
         for ex_id in lost:
             entry = self._running.get(ex_id)
             if entry is None:
                 continue
-            log.warning("lease lost on %s: abandoning it", ex_id)
             self._lost.add(ex_id)
             entry[0].cancel()
+            stopped.append(ex_id)
+        if stopped:
+            task = asyncio.create_task(self._say_why(stopped))
+            self._chores.add(task)
+            task.add_done_callback(self._chores.discard)
+
+    async def _say_why(self, stopped: list[str]) -> None:
+        for ex_id in stopped:
+            try:
+                ex = await self.store.get(ex_id)
+            except StoreUnavailable:
+                ex = None
+            if ex is not None and ex.status == "cancelled":
+                reason = f" ({ex.cancel_reason})" if ex.cancel_reason else ""
+                log.info("cancelled %s%s: stopped it", ex_id, reason)
+            else:
+                log.warning("lease lost on %s: abandoning it", ex_id)
 
     async def _release_all(self) -> None:
         tasks = [t for t, _ in self._running.values()]

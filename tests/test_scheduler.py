@@ -142,7 +142,10 @@ def test_cancel_fences_out_the_running_worker(store, tmp_path):
     with pytest.raises(LeaseLost):
         run_async(store.finish(claim, status="completed", output={}))
     assert run_async(store.get(ex_id)).status == "cancelled"
-    assert run_async(store.cancel(ex_id)).status == "cancelled"  # cancelling again: no change
+    before = run_async(store.get(ex_id))
+    with pytest.raises(UserError, match="cancelled already"):  # a finished one is left as it is
+        run_async(store.cancel(ex_id))
+    assert run_async(store.get(ex_id)) == before
 
 
 # -------------------------------------------------------------------- cron

@@ -17,7 +17,8 @@ from ..errors import LeaseLost
 from . import engine as eng
 from .db import Database
 from .models import checkpoints
-from .records import CheckpointRecord, CheckpointRow
+from .records import CheckpointRecord, CheckpointRow, WaitEnd
+from .signals import end_wait
 
 # The hot path on the driver's cursor (engine.Driver): a checkpoint commit, and
 # (executions.py) the outcome. Every write is fenced by the owner's claim.
@@ -64,6 +65,8 @@ def fenced_touch(
 def insert_checkpoints(
     cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any
 ) -> None:
+    if not rows:
+        return
     # in order: ids follow the save order (latest = max id). A marker that
     # waited for this commit keeps the time it was taken, for the timeline.
     cur.executemany(
@@ -118,7 +121,13 @@ class Checkpoints:
         await self.save_checkpoints(owner_id=owner_id, fence=fence, rows=[row], durable=durable)
 
     async def save_checkpoints(
-        self, *, owner_id: str, fence: int, rows: Sequence[CheckpointRow], durable: bool = True
+        self,
+        *,
+        owner_id: str,
+        fence: int,
+        rows: Sequence[CheckpointRow],
+        durable: bool = True,
+        wait: WaitEnd | None = None,
     ) -> None:
         """Commit snapshots in order, in one transaction fenced by the owner's claim.
 
@@ -127,7 +136,7 @@ class Checkpoints:
         this returns; a non-durable one (progress markers) may trail it until
         the next durable commit, which flushes the log through it.
         """
-        if not rows:
+        if not rows and wait is None:
             return
         drv = self.db.driver if durable else self.db.progress_driver
         first = None if durable else self.db.dialect.progress_commit_sql()
@@ -138,6 +147,8 @@ class Checkpoints:
             now = drv.time(utcnow())
             fenced_touch(cur, drv, owner_id, fence, rows, now)
             insert_checkpoints(cur, drv, rows, fence, now)
+            if wait is not None:  # a wait's state commits: its signal is consumed
+                end_wait(cur, drv, owner_id, fence, wait.consumed, now)
 
         await self.db.on_cursor(tx, durable=durable)
 

@@ -72,6 +72,12 @@ class Database:
         """``fn()`` on one of the store's threads."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
+    @staticmethod
+    def cursor(conn: sa.Connection) -> Any:
+        """The driver's own cursor inside a Core transaction, for a raw statement
+        of the hot path (checkpoints.py) on a path that is not hot."""
+        return conn.connection.cursor()
+
     def insert(self, table: sa.Table) -> Any:
         return self.dialect.insert(table)
 

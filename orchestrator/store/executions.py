@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +19,8 @@ from ..errors import ExecutionNotFound, LeaseLost, UserError
 from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
 from .db import Database
 from .models import FINAL_STATUSES, executions, queues, workers
-from .records import CheckpointRow, Claim, Execution, NewExecution
+from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
+from .signals import end_wait, give_back, take_free
 
 
 def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
@@ -57,6 +58,16 @@ _RUNNABLE_QUEUED = (
     .order_by(executions.c.priority.desc(), executions.c.created_at)
     .limit(1)
     .with_for_update(skip_locked=True)
+)
+# timers and deadlines that came due: runnable again, for this very claim
+_WAKE_DUE = (
+    sa.update(executions)
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.status == "waiting",
+        executions.c.wake_at <= sa.bindparam("b_now"),
+    )
+    .values(status="queued", updated_at=sa.bindparam("b_now"))
 )
 _TAKE = (
     sa.update(executions)
@@ -219,6 +230,7 @@ class Executions:
         def tx(conn: sa.Connection) -> Claim | None:
             now = utcnow()
             params = {"b_queues": names, "b_now": now}
+            conn.execute(_WAKE_DUE, params)
             while True:
                 recovered = True
                 row = conn.execute(_RUNNABLE_EXPIRED, params).first()
@@ -320,32 +332,97 @@ class Executions:
         output: Any = None,
         error: str | None = None,
         checkpoints: Sequence[CheckpointRow] = (),
+        wait: WaitEnd | None = None,
     ) -> None:
-        """Record a final outcome (completed | failed) or park (waiting), fenced.
+        """Record a final outcome (completed | failed), fenced.
 
         ``checkpoints`` not yet written (the run's last progress markers and its
-        ``machine_end``) commit in the same transaction, ahead of the outcome."""
-        assert status in ("completed", "failed", "waiting")
-        counter = {"completed": "completed", "failed": "failed"}.get(status)
+        ``machine_end``) commit in the same transaction, ahead of the outcome;
+        so does the end of a wait (``wait``). A failed execution gives back any
+        signal it took and did not consume, to the next waiter."""
+        assert status in ("completed", "failed")
         drv = self.db.driver
         finish = drv.sql(_RAW_FINISH.format(json=self.db.dialect.json_param))
-        count = drv.sql(_RAW_COUNT.format(col=counter)) if counter else None
+        count = drv.sql(_RAW_COUNT.format(col=status))
         output_json = None if output is None else json.dumps(output)
         ex_id, fence = claim.execution.id, claim.fence
 
-        def tx(cur: Any) -> None:
-            now = drv.time(utcnow())
-            finished = None if status == "waiting" else now
+        def statements(cur: Any, now: Any) -> None:
             if checkpoints:  # while the row is still running: the fence, step and state
                 fenced_touch(cur, drv, ex_id, fence, checkpoints, now)
                 insert_checkpoints(cur, drv, checkpoints, fence, now)
-            cur.execute(finish, (status, output_json, error, now, finished, ex_id, fence))
+            if wait is not None:
+                end_wait(cur, drv, ex_id, fence, wait.consumed, now)
+            cur.execute(finish, (status, output_json, error, now, now, ex_id, fence))
             if cur.rowcount != 1:
                 raise LeaseLost(ex_id, fence)
-            if count:
-                cur.execute(count, (claim.worker_id,))
+            cur.execute(count, (claim.worker_id,))
 
-        await self.db.on_cursor(tx)
+        if status == "completed":  # the hot path: on the driver's cursor
+            await self.db.on_cursor(lambda cur: statements(cur, drv.time(utcnow())))
+            return
+
+        def tx(conn: sa.Connection) -> None:
+            now = utcnow()
+            statements(self.db.cursor(conn), drv.time(now))
+            give_back(conn, self.db.dialect.lock_channel, ex_id, now)
+
+        await self.db.write(tx)
+
+    async def park(
+        self,
+        claim: Claim,
+        *,
+        channel: str,
+        wake_at: datetime | None,
+        checkpoints: Sequence[CheckpointRow] = (),
+        wait: WaitEnd | None = None,
+    ) -> str:
+        """The run waits on ``channel`` (and, with ``wake_at``, wakes by itself
+        then). Its last checkpoints (the ``waiting`` one among them) and the park
+        commit together, fenced; the lease is released and the worker's slot is
+        free. A signal already there, or a time already past, leaves it runnable
+        at once. A wait parked again on its channel keeps its first deadline.
+        Returns the status it is left in: 'waiting' or 'queued'."""
+        drv = self.db.driver
+        ex_id, fence = claim.execution.id, claim.fence
+
+        def tx(conn: sa.Connection) -> str:
+            now = utcnow()
+            raw_now = drv.time(now)
+            self.db.dialect.lock_channel(conn, channel)
+            cur = self.db.cursor(conn)
+            fenced_touch(cur, drv, ex_id, fence, checkpoints, raw_now)
+            insert_checkpoints(cur, drv, checkpoints, fence, raw_now)
+            if wait is not None:
+                end_wait(cur, drv, ex_id, fence, wait.consumed, raw_now)
+            before = conn.execute(
+                sa.select(executions.c.waiting_channel, executions.c.wake_at).where(
+                    executions.c.id == ex_id
+                )
+            ).one()
+            wakes = (
+                before.wake_at if before.waiting_channel == channel and before.wake_at else wake_at
+            )
+            signal = take_free(conn, ex_id, channel)
+            runnable = signal is not None or (wakes is not None and wakes <= now)
+            parked = conn.execute(
+                sa.update(executions)
+                .where(_held(ex_id, fence))
+                .values(
+                    status="queued" if runnable else "waiting",
+                    waiting_channel=channel,
+                    wake_at=wakes,
+                    worker_id=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            )
+            if parked.rowcount != 1:
+                raise LeaseLost(ex_id, fence)
+            return "queued" if runnable else "waiting"
+
+        return await self.db.write(tx)
 
     async def release(self, claim: Claim) -> bool:
         """Give a running execution back to its queue (drain); it resumes from
@@ -405,24 +482,34 @@ class Executions:
 
         return await self.db.write(tx)
 
-    async def cancel(self, execution_id: str) -> Execution:
-        """Cancel any non-final execution. fence += 1, so a worker running it
-        has its next write refused and abandons it."""
+    async def cancel(self, execution_id: str, reason: str | None = None) -> Execution:
+        """Cancel an unfinished execution: queued or waiting, it never runs again;
+        running, fence += 1, so its worker's next write (or lease renewal) is
+        refused and it stops. A signal it took and did not consume goes to the
+        next waiter. UserError if it had finished already."""
 
         def tx(conn: sa.Connection) -> Execution:
             now = utcnow()
-            conn.execute(
+            cancelled = conn.execute(
                 sa.update(executions)
                 .where(executions.c.id == execution_id, executions.c.status.not_in(FINAL_STATUSES))
                 .values(
                     status="cancelled",
+                    cancel_reason=reason,
                     fence=executions.c.fence + 1,
                     lease_until=None,
                     finished_at=now,
                     updated_at=now,
                 )
             )
-            return get_in(conn, execution_id)
+            ex = get_in(conn, execution_id)
+            if cancelled.rowcount != 1:
+                raise UserError(
+                    f"execution {execution_id} is {ex.status} already: only an unfinished "
+                    "execution can be cancelled"
+                )
+            give_back(conn, self.db.dialect.lock_channel, execution_id, now)
+            return ex
 
         return await self.db.write(tx)
 

@@ -74,8 +74,15 @@ executions = Table(
     Column("updated_at", DateTime, nullable=False),
     Column("started_at", DateTime),
     Column("finished_at", DateTime),
+    # a waiting execution: the channel it waits on and when it wakes by itself
+    # (a timer, or a signal's deadline); kept until the wait's state commits
+    Column("waiting_channel", String(400)),
+    Column("wake_at", DateTime),
+    Column("cancel_reason", Text),
     # lease expiry scans
     Index("ix_executions_lease", "status", "lease_until"),
+    Index("ix_executions_waiting", "status", "waiting_channel"),
+    Index("ix_executions_wake", "status", "wake_at"),
     Index("ix_executions_created", "created_at"),
     Index("ix_executions_worker", "worker_id"),
 )
@@ -199,6 +206,22 @@ work_items = Table(
     Column("updated_at", DateTime, nullable=False),
     Index("ix_work_items_claim", "pool", "status", "created_at"),
     Index("ix_work_items_claimed_by", "claimed_by"),
+)
+
+# durable signals: one signal, one consumer, first in first out per channel. A
+# signal is assigned to the waiter it wakes (or that takes it) and consumed when
+# that waiter's wait state commits.
+signals = Table(
+    "signals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("channel", String(400), nullable=False),
+    Column("data", JSON),
+    Column("created_at", DateTime, nullable=False),
+    Column("assigned_to", String(200)),
+    Column("consumed_at", DateTime),
+    Index("ix_signals_channel", "channel", "consumed_at", "id"),
+    Index("ix_signals_assigned_to", "assigned_to"),
 )
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")

@@ -37,6 +37,9 @@ class Execution:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    waiting_channel: str | None = None
+    wake_at: datetime | None = None
+    cancel_reason: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Execution:
@@ -120,3 +123,28 @@ class WorkerRecord:
     @classmethod
     def from_row(cls, row: Any) -> WorkerRecord:
         return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRecord:
+    """A durable signal; ``assigned_to`` the execution it was given to, until
+    that execution's wait commits and it is consumed."""
+
+    id: int
+    channel: str
+    data: Any
+    created_at: datetime
+    assigned_to: str | None = None
+    consumed_at: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> SignalRecord:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class WaitEnd:
+    """A wait that ended in this run (a signal taken, a timer or deadline met):
+    committed with the next durable write of its progress."""
+
+    consumed: tuple[int, ...] = ()

@@ -9,6 +9,7 @@ run a transaction):
     checkpoints.py  snapshots, history, the fenced hot path
     workers.py      the worker registry and the leader lease
     queues.py       queue policy and statistics, scaling events, cron schedules
+    signals.py      durable signals: send, take, consume
     work.py         flatmachines work pools
 
 The imports form a tree: store → aggregates → (checkpoints ←) executions → db →
@@ -30,6 +31,7 @@ from .configs import Configs
 from .db import Database
 from .executions import Executions
 from .queues import Queues
+from .signals import Signals
 from .work import WorkPools
 from .workers import Workers
 
@@ -60,6 +62,7 @@ class Store:
         self.checkpoints = Checkpoints(self.db)
         self.workers = Workers(self.db)
         self.queues = Queues(self.db)
+        self.signals = Signals(self.db)
         self.work = WorkPools(self.db)
 
     @property
@@ -131,6 +134,7 @@ class Store:
     renew_leases = _Verb("executions")
     holds_fence = _Verb("executions")
     finish = _Verb("executions")
+    park = _Verb("executions")
     release = _Verb("executions")
     release_orphans = _Verb("executions")
     retry_later = _Verb("executions")
@@ -157,6 +161,11 @@ class Store:
     hold_leadership = _Verb("workers")
     resign_leadership = _Verb("workers")
     leader = _Verb("workers")
+
+    send_signal = _Verb("signals")
+    reserve_signal = _Verb("signals")
+    pending_signals = _Verb("signals")
+    signal_channels = _Verb("signals")
 
     add_schedule = _Verb("queues")
     list_schedules = _Verb("queues")
