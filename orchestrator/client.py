@@ -155,7 +155,9 @@ class Client:
         return await self.store.list_executions(status=status, queue=queue, limit=limit)
 
     async def wait(self, execution_id: str, timeout: float | None = None) -> Execution:
-        """Until the execution is final (or waiting on a signal); WaitTimeout after ``timeout``."""
+        """Until the execution is final (completed, failed or cancelled): through
+        waits on signals and timers, as a Temporal or DBOS result does.
+        WaitTimeout after ``timeout``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
         pause = 0.05
@@ -169,7 +171,7 @@ class Client:
                     raise
                 ex = last
             else:
-                if ex.is_final or ex.status == "waiting":
+                if ex.is_final:
                     return ex
             if deadline is not None and loop.time() >= deadline:
                 raise WaitTimeout(ex)
