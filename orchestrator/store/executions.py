@@ -20,7 +20,7 @@ from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
 from .db import Database
 from .models import FINAL_STATUSES, executions, queues, workers
 from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
-from .signals import end_wait, give_back, take_free
+from .signals import end_wait, give_back, take_next
 
 
 def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
@@ -404,7 +404,7 @@ class Executions:
             wakes = (
                 before.wake_at if before.waiting_channel == channel and before.wake_at else wake_at
             )
-            signal = take_free(conn, ex_id, channel)
+            signal = take_next(conn, ex_id, channel)
             runnable = signal is not None or (wakes is not None and wakes <= now)
             parked = conn.execute(
                 sa.update(executions)

@@ -55,26 +55,32 @@ def deliver(conn: sa.Connection, channel: str, now: datetime) -> list[str]:
     return list(waiters)
 
 
-def take_free(conn: sa.Connection, execution_id: str, channel: str) -> int | None:
-    """A signal of ``channel`` for an execution about to park on it: one given to
-    it already, or the oldest free one (given to it now). None if there is none."""
+def take_next(
+    conn: sa.Connection, execution_id: str, channel: str, sent_by: datetime | None = None
+) -> SignalRecord | None:
+    """The signal of ``channel`` that ``execution_id`` takes next, now given to it:
+    one given to it already, else the oldest free one (sent no later than
+    ``sent_by``, when given). None if there is none."""
     mine = signals.c.assigned_to == execution_id
-    signal_id = conn.scalar(
-        sa.select(signals.c.id)
+    stmt = (
+        sa.select(signals)
         .where(
-            signals.c.channel == channel,
-            _UNCONSUMED,
-            sa.or_(mine, signals.c.assigned_to.is_(None)),
+            signals.c.channel == channel, _UNCONSUMED, sa.or_(mine, signals.c.assigned_to.is_(None))
         )
         .order_by(sa.case((mine, 0), else_=1), signals.c.id)
         .limit(1)
         .with_for_update(skip_locked=True)
     )
-    if signal_id is not None:
+    if sent_by is not None:
+        stmt = stmt.where(signals.c.created_at <= sent_by)
+    row = conn.execute(stmt).mappings().first()
+    if row is None:
+        return None
+    if row["assigned_to"] != execution_id:
         conn.execute(
-            sa.update(signals).where(signals.c.id == signal_id).values(assigned_to=execution_id)
+            sa.update(signals).where(signals.c.id == row["id"]).values(assigned_to=execution_id)
         )
-    return signal_id
+    return SignalRecord.from_row({**row, "assigned_to": execution_id})
 
 
 def give_back(conn: sa.Connection, lock: Any, execution_id: str, now: datetime) -> list[str]:
@@ -162,30 +168,7 @@ class Signals:
             )
             if held.rowcount != 1:
                 raise LeaseLost(execution_id, fence)
-            mine = signals.c.assigned_to == execution_id
-            stmt = (
-                sa.select(signals)
-                .where(
-                    signals.c.channel == channel,
-                    _UNCONSUMED,
-                    sa.or_(mine, signals.c.assigned_to.is_(None)),
-                )
-                .order_by(sa.case((mine, 0), else_=1), signals.c.id)
-                .limit(1)
-                .with_for_update(skip_locked=True)
-            )
-            if sent_by is not None:
-                stmt = stmt.where(signals.c.created_at <= sent_by)
-            row = conn.execute(stmt).mappings().first()
-            if row is None:
-                return None
-            if row["assigned_to"] != execution_id:
-                conn.execute(
-                    sa.update(signals)
-                    .where(signals.c.id == row["id"])
-                    .values(assigned_to=execution_id)
-                )
-            return SignalRecord.from_row({**row, "assigned_to": execution_id})
+            return take_next(conn, execution_id, channel, sent_by)
 
         return await self.db.write(tx)
 
