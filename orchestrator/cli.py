@@ -120,6 +120,8 @@ def execution_json(ex: Execution) -> dict[str, Any]:
         "updated_at": iso(ex.updated_at),
         "started_at": iso(ex.started_at),
         "finished_at": iso(ex.finished_at),
+        "parent_id": ex.parent_id,
+        "root_id": ex.root_id,
         "waiting_channel": ex.waiting_channel,
         "wake_at": iso(ex.wake_at),
         "cancel_reason": ex.cancel_reason,
@@ -383,15 +385,18 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
 @click.option("--status", type=click.Choice(STATUSES))
 @click.option("--queue")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--parent", help="Only the children of this execution.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def list_(ctx, status, queue, limit, as_json):
+def list_(ctx, status, queue, limit, parent, as_json):
     """Executions, newest first."""
     settings = settings_from(ctx)
 
     async def body() -> None:
         async with await Client.open(settings) as client:
-            rows = await client.list(status=status, queue=queue, limit=limit)
+            if parent:
+                await client.get(parent)  # an unknown parent is a mistake, not an empty list
+            rows = await client.list(status=status, queue=queue, limit=limit, parent=parent)
         if as_json:
             emit_json([execution_json(ex) for ex in rows])
             return
@@ -417,22 +422,32 @@ def list_(ctx, status, queue, limit, as_json):
 
 @cli.command()
 @click.argument("execution_id")
+@click.option("--context", "context_only", is_flag=True, help="Print the context only (JSON).")
+@click.option("--step", type=int, help="With --context: at this step, not the latest.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def show(ctx, execution_id, as_json):
-    """One execution with its checkpoint history."""
+def show(ctx, execution_id, context_only, step, as_json):
+    """One execution with its children and checkpoint history."""
     settings = settings_from(ctx)
+    if step is not None and not context_only:
+        fail("--step goes with --context (the context at that step)")
 
     async def body() -> None:
         async with await Client.open(settings) as client:
+            if context_only:
+                at, context = await client.context(execution_id, step)
+                emit_json(context)
+                return
             ex = await client.get(execution_id)
             history = await client.history(execution_id)
+            children = await client.children(execution_id)
         doc = {
             **execution_json(ex),
             "history": [
                 {"step": h.step, "event": h.event, "state": h.state, "at": iso(h.at)}
                 for h in history
             ],
+            "children": [{"id": c.id, "machine": c.machine, "status": c.status} for c in children],
         }
         if as_json:
             emit_json(doc)
@@ -460,6 +475,12 @@ def show(ctx, execution_id, as_json):
         click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
         if doc["error"]:
             click.echo(f"{'error':>14}: {doc['error']}")
+        if doc["children"]:
+            click.echo("children:")
+            _table(
+                ["id", "machine", "status"],
+                [[c["id"], c["machine"], c["status"]] for c in doc["children"]],
+            )
         _table(
             ["step", "event", "state", "at"],
             [[str(h["step"]), h["event"], h["state"] or "", h["at"]] for h in doc["history"]],
@@ -640,17 +661,59 @@ def cancel(ctx, execution_id, reason, as_json):
 
 @cli.command()
 @click.argument("execution_id")
+@click.option(
+    "--machine", help="A fixed MACHINE.yml to resume on (it must keep the checkpoint's state)."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def retry(ctx, execution_id, as_json):
+def retry(ctx, execution_id, machine, as_json):
     """Resume a failed or cancelled execution from its last checkpoint."""
+
+    async def change(client: Client, ex_id: str) -> Execution:
+        return await client.retry(ex_id, machine=load_machine_file(machine) if machine else None)
+
     _change_execution(
         ctx,
         execution_id,
         as_json,
-        Client.retry,
+        change,
         lambda ex: f"{ex.id} {ex.status} (attempt {ex.attempt})",
     )
+
+
+@cli.command()
+@click.argument("execution_id")
+@click.option(
+    "--from-step", "from_step", type=int, required=True, help="A step whose state committed."
+)
+@click.option("--id", "new_id", help="The new execution's id (default ID-fork-XXXX).")
+@click.option("--context-patch", help="A JSON object merged into the context at that step.")
+@click.option("--queue", help="Queue for the fork (default the original's).")
+@click.option("--machine", help="Run the fork on this MACHINE.yml instead of the pinned config.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def fork(ctx, execution_id, from_step, new_id, context_patch, queue, machine, as_json):
+    """A new execution from ID's checkpoint at a step; the original is untouched."""
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        patch = parse_input_object(context_patch, "--context-patch") if context_patch else None
+        config = load_machine_file(machine) if machine else None
+        async with await Client.open(settings) as client:
+            ex = await client.fork(
+                execution_id,
+                from_step=from_step,
+                id=new_id,
+                context_patch=patch,
+                queue=queue,
+                machine=config,
+            )
+        if as_json:
+            emit_json(execution_json(ex))
+        else:
+            click.echo(ex.id)
+
+    run(body)
 
 
 def read_signal_data(data_json: str | None, data_file: str | None) -> Any:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from . import timers
 from .clock import utcnow
@@ -150,9 +153,16 @@ class Client:
         return await self.store.history(execution_id)
 
     async def list(
-        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        parent: str | None = None,
     ) -> list[Execution]:
-        return await self.store.list_executions(status=status, queue=queue, limit=limit)
+        return await self.store.list_executions(
+            status=status, queue=queue, limit=limit, parent=parent
+        )
 
     async def wait(self, execution_id: str, timeout: float | None = None) -> Execution:
         """Until the execution is final (completed, failed or cancelled): through
@@ -211,9 +221,85 @@ class Client:
         """Signals not yet consumed, oldest first."""
         return await self.store.pending_signals(channel)
 
-    async def retry(self, execution_id: str) -> Execution:
-        """Resume a failed or cancelled execution from its last checkpoint."""
-        return await self.store.retry(execution_id)
+    async def retry(
+        self, execution_id: str, *, machine: str | Path | MachineConfig | None = None
+    ) -> Execution:
+        """Resume a failed or cancelled execution from its last checkpoint; with
+        ``machine``, on that (fixed) config, pinned for it from now on. The
+        checkpoint's state must exist in it."""
+        ex = await self.get(execution_id)
+        config = None
+        if machine is not None:
+            if ex.status not in ("failed", "cancelled"):
+                raise UserError(
+                    f"execution {execution_id} is {ex.status}: only failed or cancelled "
+                    "executions can be retried"
+                )
+            at = await self.store.checkpoint_at(execution_id)
+            config = await self._repin(machine, execution_id, at.state if at else None, at)
+        return await self.store.retry(execution_id, config)
+
+    async def fork(
+        self,
+        execution_id: str,
+        *,
+        from_step: int,
+        id: str | None = None,
+        context_patch: dict[str, Any] | None = None,
+        queue: str | None = None,
+        machine: str | Path | MachineConfig | None = None,
+    ) -> Execution:
+        """A new execution from ``execution_id``'s committed state at ``from_step``
+        (context patched), on the same pinned config or ``machine``. With the
+        context unchanged it runs only the states after that step."""
+        await self.get(execution_id)
+        if queue is not None and not queue:
+            raise UserError("--queue must not be empty")
+        config = None
+        if machine is not None:
+            at = await self.store.checkpoint_at(execution_id, from_step)
+            if at is not None and at.event == "state_exit":
+                config = await self._repin(machine, execution_id, at.state, at)
+            else:  # the store names the steps there are
+                config = await self._repin(machine, execution_id, None, None)
+        new_id = id or f"{execution_id}-fork-{uuid.uuid4().hex[:8]}"
+        return await self.store.fork(
+            execution_id,
+            step=from_step,
+            new_id=new_id,
+            queue=queue,
+            config=config,
+            context_patch=context_patch,
+        )
+
+    async def _repin(
+        self, machine: str | Path | MachineConfig, execution_id: str, state: str | None, at: Any
+    ) -> tuple[str, str]:
+        config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
+        states = ((yaml.safe_load(config.raw) or {}).get("data") or {}).get("states") or {}
+        pseudo = at is not None and at.event in ("machine_start", "machine_end")
+        if state is not None and not pseudo and state not in states:
+            raise UserError(
+                f"{machine}: has no state '{state}', where execution {execution_id} stands "
+                f"(its states: {', '.join(states)}); a fixed workflow must keep that state"
+            )
+        await self.pin(config)
+        return config.hash, config.name
+
+    async def children(self, execution_id: str) -> list[Execution]:
+        return await self.store.children(execution_id)
+
+    async def context(self, execution_id: str, step: int | None = None) -> tuple[Any, Any]:
+        """(checkpoint, its context) at the latest checkpoint, or at ``step``."""
+        await self.get(execution_id)
+        at = await self.store.checkpoint_at(execution_id, step)
+        if at is None:
+            where = f" at step {step}" if step is not None else ""
+            raise UserError(
+                f"execution {execution_id} has no checkpoint{where} "
+                f"(see `orch show {execution_id}`)"
+            )
+        return at, (json.loads(at.snapshot or b"{}")).get("context")
 
     async def scale(
         self,

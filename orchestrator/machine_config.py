@@ -117,8 +117,28 @@ def _check_structure(config: Any, where: str) -> None:
                 )
 
 
-def load_machine_file(path: str | Path) -> MachineConfig:
+def _embed_children(raw: str, base: Path, seen: frozenset[Path]) -> str:
+    """Child machines named by file (``machines: {child: ./child.yml}``) are
+    pinned with their parent: their checked, normalised configs go inline, so
+    a worker on another host, in another directory, runs exactly them. A file
+    that is not there is left as it is: the parent's run reports it."""
+    config = yaml.safe_load(raw)
+    refs = (config.get("data") or {}).get("machines") or {}
+    embedded = False
+    for name, ref in list(refs.items()):
+        if not isinstance(ref, str):
+            continue
+        child = (base / Path(ref).expanduser()).resolve()
+        if not child.is_file() or child in seen:
+            continue
+        refs[name] = yaml.safe_load(load_machine_file(child, _seen=seen).raw)
+        embedded = True
+    return yaml.safe_dump(config, sort_keys=False) if embedded else raw
+
+
+def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset()) -> MachineConfig:
     """Read, check and normalise a workflow file; UserError names what is wrong."""
+    seen = _seen
     p = Path(path)
     if not p.is_file():
         raise UserError(f"machine file not found: {p} (give the path to a flatmachine .yml)")
@@ -147,6 +167,7 @@ def load_machine_file(path: str | Path) -> MachineConfig:
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         raise UserError(f"{p}: invalid flatmachine: {exc}") from None
     raw = machine._config_raw or yaml.safe_dump(config, sort_keys=False)
+    raw = _embed_children(raw, p.parent, seen | {p.resolve()})
     return MachineConfig(
         name=machine.machine_name,
         raw=raw,

@@ -36,6 +36,7 @@ from flatmachines.utils import check_spec_version
 
 from . import timers
 from .app import registered_names
+from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
@@ -67,7 +68,7 @@ class Outcome:
     wake_at: datetime | None = None
 
 
-class PinnedMachine(FlatMachine):
+class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     """A FlatMachine built from a config pinned by hash at submit.
 
     The library re-serialises its config to YAML (to hash it) and validates it
@@ -229,14 +230,18 @@ class Runner:
             persistence=persistence,
             lock=FencedLock(self.store, claim),
             signal_backend=StoreSignals(self.store, claim, persistence),
+            invoker=StoreInvoker(self.store, claim),
+            result_backend=StoreResults(self.store),
             config_store=self.config_store,
             agent_registry=self.agent_registry,
             _execution_id=ex.id,
         )
         persistence.final_states = frozenset(machine._final_states)
 
-        # fence 1 is the first claim ever: nobody can have written a checkpoint
-        latest = None if claim.fence == 1 else await self.store.latest_checkpoint(ex.id)
+        # the first claim ever of an execution at step 0 (not a fork): nobody can
+        # have written a checkpoint
+        first = claim.fence == 1 and ex.step == 0
+        latest = None if first else await self.store.latest_checkpoint(ex.id)
         snapshot = MachineSnapshot(**json.loads(latest[1])) if latest else None
         if snapshot is None or snapshot.event == "machine_start":
             result = await machine.execute(input=ex.input, max_steps=MAX_STEPS)
@@ -254,7 +259,9 @@ class Runner:
         if isinstance(result, dict) and result.get("_waiting"):
             channel = str(result.get("_channel"))
             state = config["data"]["states"].get(getattr(machine, "running_state", None)) or {}
-            wake_at = timers.wake_at(channel, state.get("timeout"), utcnow())
+            # a wait_for's `timeout` is its deadline (a machine state's is the library's)
+            deadline = state.get("timeout") if state.get("wait_for") else None
+            wake_at = timers.wake_at(channel, deadline, utcnow())
             return Outcome("waiting", channel=channel, wake_at=wake_at)
         return Outcome("completed", output=result)
 

@@ -179,6 +179,30 @@ class Checkpoints:
 
         return await self.db.read(tx)
 
+    async def checkpoint_at(
+        self, execution_id: str, step: int | None = None
+    ) -> CheckpointRecord | None:
+        """The last checkpoint of ``step`` (its state_exit, once committed), or
+        the latest one; with its snapshot."""
+        stmt = sa.select(
+            checkpoints.c.step,
+            checkpoints.c.event,
+            checkpoints.c.state,
+            checkpoints.c.created_at,
+            checkpoints.c.snapshot,
+        ).where(checkpoints.c.execution_id == execution_id)
+        if step is not None:
+            stmt = stmt.where(checkpoints.c.step == step)
+        stmt = stmt.order_by(checkpoints.c.id.desc()).limit(1)
+
+        def tx(conn: sa.Connection) -> CheckpointRecord | None:
+            r = conn.execute(stmt).first()
+            if r is None:
+                return None
+            return CheckpointRecord(r.step, r.event, r.state, r.created_at, bytes(r.snapshot))
+
+        return await self.db.read(tx)
+
     async def latest_snapshot_ids(self) -> list[tuple[str, bytes]]:
         """(execution id, latest snapshot) for every execution with checkpoints."""
         latest = (

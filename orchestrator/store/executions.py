@@ -18,6 +18,7 @@ from ..clock import lease_deadline, utcnow
 from ..errors import ExecutionNotFound, LeaseLost, UserError
 from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
 from .db import Database
+from .groups import cancel_descendants, ended, settle_group
 from .models import FINAL_STATUSES, executions, queues, workers
 from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
 from .signals import end_wait, give_back, take_next
@@ -36,7 +37,12 @@ def _held(execution_id: Any, fence: Any) -> sa.ColumnElement[bool]:
 # form instead of building and keying new statements per claim.
 _QUEUES = sa.bindparam("b_queues", expanding=True)
 _RUNNABLE_EXPIRED = (
-    sa.select(executions.c.id, executions.c.recoveries)
+    sa.select(
+        executions.c.id,
+        executions.c.recoveries,
+        executions.c.parent_group,
+        executions.c.group_mode,
+    )
     .where(
         executions.c.queue.in_(_QUEUES),
         executions.c.status == "running",
@@ -92,6 +98,56 @@ _RAW_FINISH = (
 _RAW_COUNT = "UPDATE workers SET {col} = {col} + 1 WHERE id = ?"
 
 
+def ensure_queues(conn: sa.Connection, db: Database, names: Iterable[str], now: Any) -> None:
+    for q in sorted(set(names)):
+        conn.execute(
+            db.insert(queues)
+            .values(name=q, created_at=now)
+            .on_conflict_do_nothing(index_elements=["name"])
+        )
+
+
+def insert_new(
+    conn: sa.Connection, db: Database, n: NewExecution, now: Any
+) -> tuple[Execution, bool]:
+    """Insert one execution, or find the one that has its id: (row, created)."""
+    row = (
+        conn.execute(
+            db.insert(executions)
+            .values(
+                id=n.id,
+                machine=n.machine,
+                config_hash=n.config_hash,
+                queue=n.queue,
+                priority=n.priority,
+                status="queued",
+                input=n.input,
+                attempt=1,
+                max_attempts=n.max_attempts,
+                retry_backoff=n.retry_backoff,
+                retry_backoff_max=n.retry_backoff_max,
+                recoveries=0,
+                not_before=n.not_before,
+                parent_id=n.parent_id,
+                root_id=n.root_id,
+                parent_group=n.parent_group,
+                group_mode=n.group_mode,
+                fence=0,
+                step=0,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(*executions.c)
+        )
+        .mappings()
+        .first()
+    )
+    if row is not None:
+        return Execution.from_row(row), True
+    return get_in(conn, n.id), False
+
+
 def get_in(conn: sa.Connection, execution_id: str) -> Execution:
     """The execution, inside a caller's transaction; ExecutionNotFound if none."""
     row = (
@@ -130,52 +186,11 @@ class Executions:
 
         Returns (execution, created) per item, in order, all in one transaction.
         """
-        now = utcnow()
 
         def tx(conn: sa.Connection) -> list[tuple[Execution, bool]]:
-            for q in {n.queue for n in new}:
-                conn.execute(
-                    self.db.insert(queues)
-                    .values(name=q, created_at=now)
-                    .on_conflict_do_nothing(index_elements=["name"])
-                )
-            out = []
-            for n in new:
-                inserted = conn.execute(
-                    self.db.insert(executions)
-                    .values(
-                        id=n.id,
-                        machine=n.machine,
-                        config_hash=n.config_hash,
-                        queue=n.queue,
-                        priority=n.priority,
-                        status="queued",
-                        input=n.input,
-                        attempt=1,
-                        max_attempts=n.max_attempts,
-                        retry_backoff=n.retry_backoff,
-                        retry_backoff_max=n.retry_backoff_max,
-                        recoveries=0,
-                        not_before=n.not_before,
-                        parent_id=n.parent_id,
-                        fence=0,
-                        step=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                    .on_conflict_do_nothing(index_elements=["id"])
-                    .returning(*executions.c)
-                )
-                row = inserted.mappings().first()
-                created = row is not None
-                if row is None:
-                    row = (
-                        (conn.execute(sa.select(executions).where(executions.c.id == n.id)))
-                        .mappings()
-                        .one()
-                    )
-                out.append((Execution.from_row(row), created))
-            return out
+            now = utcnow()
+            ensure_queues(conn, self.db, {n.queue for n in new}, now)
+            return [insert_new(conn, self.db, n, now) for n in new]
 
         return await self.db.write(tx)
 
@@ -193,7 +208,12 @@ class Executions:
         return await self.db.read(tx)
 
     async def list_executions(
-        self, *, status: str | None = None, queue: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        queue: str | None = None,
+        limit: int = 50,
+        parent: str | None = None,
     ) -> list[Execution]:
         stmt = sa.select(executions).order_by(
             executions.c.created_at.desc(), executions.c.id.desc()
@@ -202,6 +222,8 @@ class Executions:
             stmt = stmt.where(executions.c.status == status)
         if queue:
             stmt = stmt.where(executions.c.queue == queue)
+        if parent:
+            stmt = stmt.where(executions.c.parent_id == parent)
         stmt = stmt.limit(limit)
 
         def tx(conn: sa.Connection) -> list[Execution]:
@@ -254,6 +276,7 @@ class Executions:
                             updated_at=now,
                         )
                     )
+                    ended(conn, self.db.dialect, row._asdict(), now)
                     continue
                 claimed = (
                     conn.execute(
@@ -358,14 +381,18 @@ class Executions:
                 raise LeaseLost(ex_id, fence)
             cur.execute(count, (claim.worker_id,))
 
-        if status == "completed":  # the hot path: on the driver's cursor
+        group = claim.execution.parent_group
+        if status == "completed" and group is None:  # the hot path: on the driver's cursor
             await self.db.on_cursor(lambda cur: statements(cur, drv.time(utcnow())))
             return
 
         def tx(conn: sa.Connection) -> None:
             now = utcnow()
             statements(self.db.cursor(conn), drv.time(now))
-            give_back(conn, self.db.dialect.lock_channel, ex_id, now)
+            if status == "failed":
+                give_back(conn, self.db.dialect.lock_channel, ex_id, now)
+            if group is not None:  # a child: its parent may be waiting for this
+                settle_group(conn, self.db.dialect, group, claim.execution.group_mode, now)
 
         await self.db.write(tx)
 
@@ -508,14 +535,22 @@ class Executions:
                     f"execution {execution_id} is {ex.status} already: only an unfinished "
                     "execution can be cancelled"
                 )
-            give_back(conn, self.db.dialect.lock_channel, execution_id, now)
+            lock = self.db.dialect.lock_channel
+            below = cancel_descendants(
+                conn, [execution_id], f"its parent {execution_id} was cancelled", now
+            )
+            for cancelled_id in [execution_id, *below]:
+                give_back(conn, lock, cancelled_id, now)
+            if ex.parent_group is not None:  # its parent may be waiting on it
+                settle_group(conn, self.db.dialect, ex.parent_group, ex.group_mode, now)
             return ex
 
         return await self.db.write(tx)
 
-    async def retry(self, execution_id: str) -> Execution:
+    async def retry(self, execution_id: str, config: tuple[str, str] | None = None) -> Execution:
         """Queue a failed or cancelled execution again; it resumes from its last
-        checkpoint with a fresh attempt."""
+        checkpoint with a fresh attempt, on the config it has pinned, or on
+        ``config`` = (hash, machine name), pinned for it from now on."""
 
         def tx(conn: sa.Connection) -> Execution:
             ex = get_in(conn, execution_id)
@@ -540,6 +575,7 @@ class Executions:
                     lease_until=None,
                     finished_at=None,
                     updated_at=now,
+                    **({"config_hash": config[0], "machine": config[1]} if config else {}),
                 )
             )
             return get_in(conn, execution_id)
@@ -555,7 +591,12 @@ class Executions:
         def tx(conn: sa.Connection) -> tuple[list[str], list[str]]:
             now = utcnow()
             expired = conn.execute(
-                sa.select(executions.c.id, executions.c.recoveries)
+                sa.select(
+                    executions.c.id,
+                    executions.c.recoveries,
+                    executions.c.parent_group,
+                    executions.c.group_mode,
+                )
                 .where(executions.c.status == "running", executions.c.lease_until < now)
                 .with_for_update(skip_locked=True)
             ).all()
@@ -581,6 +622,8 @@ class Executions:
                     values = dict(common, status="queued")
                     requeued.append(row.id)
                 conn.execute(sa.update(executions).where(executions.c.id == row.id).values(values))
+                if row.id in failed:
+                    ended(conn, self.db.dialect, row._asdict(), now)
             return requeued, failed
 
         return await self.db.write(tx)

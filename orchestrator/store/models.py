@@ -79,10 +79,17 @@ executions = Table(
     Column("waiting_channel", String(400)),
     Column("wake_at", DateTime),
     Column("cancel_reason", Text),
+    # a child execution: the top of its tree, and the channel its parent waits
+    # on for the group it belongs to (settled: all of them; any: the first)
+    Column("root_id", String(200)),
+    Column("parent_group", String(400)),
+    Column("group_mode", String(16)),
     # lease expiry scans
     Index("ix_executions_lease", "status", "lease_until"),
     Index("ix_executions_waiting", "status", "waiting_channel"),
     Index("ix_executions_wake", "status", "wake_at"),
+    Index("ix_executions_parent", "parent_id"),
+    Index("ix_executions_parent_group", "parent_group"),
     Index("ix_executions_created", "created_at"),
     Index("ix_executions_worker", "worker_id"),
 )

@@ -40,6 +40,9 @@ class Execution:
     waiting_channel: str | None = None
     wake_at: datetime | None = None
     cancel_reason: str | None = None
+    root_id: str | None = None
+    parent_group: str | None = None
+    group_mode: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Execution:
@@ -65,6 +68,9 @@ class NewExecution:
     retry_backoff_max: float = 300.0
     not_before: datetime | None = None
     parent_id: str | None = None
+    root_id: str | None = None
+    parent_group: str | None = None  # the channel the parent waits on for its group
+    group_mode: str | None = None  # settled | any
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +105,7 @@ class CheckpointRecord:
     event: str
     state: str | None
     at: datetime
+    snapshot: bytes | None = None  # when asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ run a transaction):
     workers.py      the worker registry and the leader lease
     queues.py       queue policy and statistics, scaling events, cron schedules
     signals.py      durable signals: send, take, consume
+    lineage.py      children, the groups their parents wait on, forks (groups.py)
     work.py         flatmachines work pools
 
 The imports form a tree: store → aggregates → (checkpoints ←) executions → db →
@@ -30,6 +31,7 @@ from .checkpoints import Checkpoints
 from .configs import Configs
 from .db import Database
 from .executions import Executions
+from .lineage import Lineage
 from .queues import Queues
 from .signals import Signals
 from .work import WorkPools
@@ -63,6 +65,7 @@ class Store:
         self.workers = Workers(self.db)
         self.queues = Queues(self.db)
         self.signals = Signals(self.db)
+        self.lineage = Lineage(self.db)
         self.work = WorkPools(self.db)
 
     @property
@@ -149,6 +152,13 @@ class Store:
     latest_snapshot_ids = _Verb("checkpoints")
     delete_checkpoints = _Verb("checkpoints")
     history = _Verb("checkpoints")
+    checkpoint_at = _Verb("checkpoints")
+
+    enqueue_children = _Verb("lineage")
+    group_members = _Verb("lineage")
+    cancel_members = _Verb("lineage")
+    children = _Verb("lineage")
+    fork = _Verb("lineage")
 
     register_worker = _Verb("workers")
     heartbeat_worker = _Verb("workers")

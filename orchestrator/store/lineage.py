@@ -1,0 +1,205 @@
+"""Lineage: an execution's children, the groups its parent waits on, and forks.
+
+Children are executions of their own (any worker of the queue runs them),
+linked to their parent (``parent_id``) and their tree's root (``root_id``).
+A child's id is derived from its parent's, so a parent that runs a state
+again enqueues the very same children: the insert finds them and adds none.
+A fork is a new execution whose first checkpoint is a copy, optionally
+patched, of another's committed state; the original is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..clock import utcnow
+from ..errors import LeaseLost, UserError
+from .db import Database
+from .executions import ensure_queues, get_in, insert_new
+from .groups import cancel_descendants
+from .models import FINAL_STATUSES, checkpoints, executions
+from .records import Claim, Execution, NewExecution
+from .signals import give_back
+
+
+class Lineage:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def enqueue_children(self, parent: Claim, children: Sequence[NewExecution]) -> int:
+        """Enqueue children under the parent's claim (LeaseLost if it moved on).
+        Ids already there are kept as they are. Returns how many were new."""
+
+        def tx(conn: sa.Connection) -> int:
+            now = utcnow()
+            held = conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.id == parent.execution.id,
+                    executions.c.fence == parent.fence,
+                    executions.c.status == "running",
+                )
+                .values(updated_at=now)
+            )
+            if held.rowcount != 1:
+                raise LeaseLost(parent.execution.id, parent.fence)
+            ensure_queues(conn, self.db, {c.queue for c in children}, now)
+            return sum(insert_new(conn, self.db, c, now)[1] for c in children)
+
+        return await self.db.write(tx)
+
+    async def group_members(self, group: str) -> list[Execution]:
+        stmt = (
+            sa.select(executions)
+            .where(executions.c.parent_group == group)
+            .order_by(executions.c.created_at, executions.c.id)
+        )
+
+        def tx(conn: sa.Connection) -> list[Execution]:
+            return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
+
+        return await self.db.read(tx)
+
+    async def cancel_members(self, group: str, *, keep: str, reason: str) -> list[str]:
+        """Cancel the unfinished members of ``group`` but ``keep`` (an ``any``
+        group's winner), with their subtrees."""
+
+        def tx(conn: sa.Connection) -> list[str]:
+            now = utcnow()
+            stopped = [
+                r.id
+                for r in conn.execute(
+                    sa.update(executions)
+                    .where(
+                        executions.c.parent_group == group,
+                        executions.c.id != keep,
+                        executions.c.status.not_in(FINAL_STATUSES),
+                    )
+                    .values(
+                        status="cancelled",
+                        cancel_reason=reason,
+                        fence=executions.c.fence + 1,
+                        worker_id=None,
+                        lease_until=None,
+                        finished_at=now,
+                        updated_at=now,
+                    )
+                    .returning(executions.c.id)
+                )
+            ]
+            stopped += cancel_descendants(conn, stopped, reason, now)
+            for ex_id in stopped:
+                give_back(conn, self.db.dialect.lock_channel, ex_id, now)
+            return stopped
+
+        return await self.db.write(tx)
+
+    async def children(self, parent_id: str) -> list[Execution]:
+        stmt = (
+            sa.select(executions)
+            .where(executions.c.parent_id == parent_id)
+            .order_by(executions.c.created_at, executions.c.id)
+        )
+
+        def tx(conn: sa.Connection) -> list[Execution]:
+            return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
+
+        return await self.db.read(tx)
+
+    async def fork(
+        self,
+        source_id: str,
+        *,
+        step: int,
+        new_id: str,
+        queue: str | None = None,
+        config: tuple[str, str] | None = None,
+        context_patch: dict[str, Any] | None = None,
+    ) -> Execution:
+        """A new execution that starts from ``source_id``'s committed state at
+        ``step`` (its ``state_exit``), its context patched, on the same pinned
+        config or ``config`` = (hash, machine name). UserError if there is no
+        such step or the new id is taken."""
+
+        def tx(conn: sa.Connection) -> Execution:
+            now = utcnow()
+            src = get_in(conn, source_id)
+            row = conn.execute(
+                sa.select(checkpoints.c.state, checkpoints.c.snapshot)
+                .where(
+                    checkpoints.c.execution_id == source_id,
+                    checkpoints.c.step == step,
+                    checkpoints.c.event == "state_exit",
+                )
+                .order_by(checkpoints.c.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                steps = conn.scalars(
+                    sa.select(checkpoints.c.step)
+                    .where(
+                        checkpoints.c.execution_id == source_id,
+                        checkpoints.c.event == "state_exit",
+                    )
+                    .distinct()
+                    .order_by(checkpoints.c.step)
+                ).all()
+                raise UserError(
+                    f"execution {source_id} has no committed state at step {step}; steps to "
+                    f"fork from: {', '.join(map(str, steps)) or 'none yet'} (see `orch show "
+                    f"{source_id}`)"
+                )
+            config_hash, machine = config or (src.config_hash, src.machine)
+            snapshot = json.loads(row.snapshot)
+            snapshot.update(
+                execution_id=new_id,
+                config_hash=config_hash,
+                pending_launches=None,
+                parent_execution_id=None,
+            )
+            snapshot["context"] = {**(snapshot.get("context") or {}), **(context_patch or {})}
+            fork, created = insert_new(
+                conn,
+                self.db,
+                NewExecution(
+                    id=new_id,
+                    machine=machine,
+                    config_hash=config_hash,
+                    input=src.input,
+                    queue=queue or src.queue,
+                    priority=src.priority,
+                    max_attempts=src.max_attempts,
+                    retry_backoff=src.retry_backoff,
+                    retry_backoff_max=src.retry_backoff_max,
+                ),
+                now,
+            )
+            if not created:
+                raise UserError(
+                    f"an execution with id '{new_id}' exists already; pass another --id"
+                )
+            ensure_queues(conn, self.db, [fork.queue], now)
+            conn.execute(
+                sa.update(executions)
+                .where(executions.c.id == new_id)
+                .values(step=step, current_state=row.state)
+            )
+            conn.execute(
+                sa.insert(checkpoints).values(
+                    execution_id=new_id,
+                    key=f"{new_id}/step_{step:06d}_state_exit.json",
+                    step=step,
+                    event="state_exit",
+                    state=row.state,
+                    snapshot=json.dumps(snapshot).encode("utf-8"),
+                    fence=0,
+                    created_at=now,
+                )
+            )
+            return get_in(conn, new_id)
+
+        return await self.db.write(tx)
