@@ -14,24 +14,23 @@ import os
 os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal as signals_module
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
 
-from .client import Client, WaitTimeout
+from .api import ExecutionFailed, Orchestrator
+from .client import WaitTimeout
 from .errors import StoreUnavailable, UserError
 from .machine_config import load_machine_file
+from .schemas import Execution, iso
 from .settings import Settings
-from .store import Execution, Store
 
 T = TypeVar("T")
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 124
@@ -62,70 +61,36 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         raise AssertionError from None
 
 
-async def open_store_waiting(settings: Settings) -> Store:
+async def open_waiting(settings: Settings) -> Orchestrator:
     """Open the store, waiting (with one message) for a database that is not up
-    yet: a service started before its database runs once the database does."""
-    from .store.outage import Backoff
+    yet: a service started before its database runs once the database does.
+    SIGTERM/SIGINT while waiting exits 0."""
+    orch = Orchestrator(settings=settings)
+    waited: list[str] = []
 
-    backoff = Backoff(first=0.5, cap=5.0)
-    waiting = False
-    stop = asyncio.Event()
+    def say(why: str) -> None:
+        waited.append(why)
+        click.echo(f"orch: waiting for the database: {why}", err=True)
+
     loop = asyncio.get_running_loop()
+    opening = asyncio.ensure_future(orch.open(wait=True, on_wait=say))
     for sig in (signals_module.SIGTERM, signals_module.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, opening.cancel)
     try:
-        while True:
-            try:
-                store = await Store.open(settings)
-            except StoreUnavailable as exc:
-                if not waiting:
-                    click.echo(f"orch: waiting for the database: {exc}", err=True)
-                    waiting = True
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff.next())
-                if stop.is_set():
-                    click.echo("orch: stopped while waiting for the database", err=True)
-                    sys.exit(0)
-                continue
-            if waiting:
-                click.echo("orch: the database is answering; starting", err=True)
-            return store
+        await opening
+    except asyncio.CancelledError:
+        click.echo("orch: stopped while waiting for the database", err=True)
+        sys.exit(0)
     finally:
         for sig in (signals_module.SIGTERM, signals_module.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.isoformat(timespec="milliseconds") + "Z" if value else None
+    if waited:
+        click.echo("orch: the database is answering; starting", err=True)
+    return orch
 
 
 def execution_json(ex: Execution) -> dict[str, Any]:
-    return {
-        "id": ex.id,
-        "machine": ex.machine,
-        "status": ex.status,
-        "queue": ex.queue,
-        "priority": ex.priority,
-        "attempt": ex.attempt,
-        "recoveries": ex.recoveries,
-        "worker_id": ex.worker_id,
-        "input": ex.input,
-        "output": ex.output,
-        "error": ex.error,
-        "current_state": ex.current_state,
-        "step": ex.step,
-        "fence": ex.fence,
-        "config_hash": ex.config_hash,
-        "created_at": iso(ex.created_at),
-        "updated_at": iso(ex.updated_at),
-        "started_at": iso(ex.started_at),
-        "finished_at": iso(ex.finished_at),
-        "parent_id": ex.parent_id,
-        "root_id": ex.root_id,
-        "waiting_channel": ex.waiting_channel,
-        "wake_at": iso(ex.wake_at),
-        "cancel_reason": ex.cancel_reason,
-    }
+    return ex.as_json()
 
 
 def emit_json(data: Any) -> None:
@@ -258,7 +223,7 @@ def submit(
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
         config = load_machine_file(machine)
-        async with await Client.open(settings) as client:
+        async with Orchestrator(settings=settings) as orch:
             if batch:
                 ids = (
                     [f"{execution_id}-{n}" for n in range(1, len(inputs) + 1)]
@@ -266,24 +231,22 @@ def submit(
                     else None
                 )
                 submitted = await _submit_with_progress(
-                    client, config, inputs, ids, queue, priority, delay, retry, as_json
+                    orch, config, inputs, ids, queue, priority, delay, retry, as_json
                 )
             else:
-                submitted = [
-                    await client.submit(
-                        config,
-                        inputs[0],
-                        id=execution_id,
-                        queue=queue,
-                        priority=priority,
-                        delay=delay,
-                        **retry,
-                    )
-                ]
-            executions = [s.execution for s in submitted]
+                submitted = await orch.submit_many(
+                    config,
+                    inputs,
+                    ids=[execution_id] if execution_id else None,
+                    queue=queue,
+                    priority=priority,
+                    delay=delay,
+                    **retry,
+                )
+            executions = [ex for ex, _ in submitted]
             if wait:
                 try:
-                    executions = [await client.wait(ex.id, timeout) for ex in executions]
+                    executions = [await orch.wait(ex.id, timeout) for ex in executions]
                 except WaitTimeout as exc:
                     click.echo(
                         f"orch: timed out waiting for {exc.execution.id} "
@@ -293,8 +256,8 @@ def submit(
                     return EXIT_TIMEOUT
             if as_json:
                 docs = [
-                    {**execution_json(ex), "created": s.created}
-                    for ex, s in zip(executions, submitted, strict=True)
+                    {**execution_json(ex), "created": created}
+                    for ex, (_, created) in zip(executions, submitted, strict=True)
                 ]
                 emit_json(docs if batch else docs[0])
             else:
@@ -304,7 +267,7 @@ def submit(
                         click.echo(
                             json.dumps(ex.output)
                             if ex.status == "completed"
-                            else f"{ex.status}: {ex.error}"
+                            else f"{ex.status}: {ex.error or ex.cancel_reason}"
                         )
             if wait and any(ex.status in ("failed", "cancelled") for ex in executions):
                 return EXIT_FAILED
@@ -313,7 +276,7 @@ def submit(
     sys.exit(run(body))
 
 
-async def _submit_with_progress(client, machine, inputs, ids, queue, priority, delay, retry, quiet):
+async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, delay, retry, quiet):
     from rich.console import Console
     from rich.progress import Progress
 
@@ -321,7 +284,7 @@ async def _submit_with_progress(client, machine, inputs, ids, queue, priority, d
         console=Console(stderr=True), transient=quiet, disable=not sys.stderr.isatty()
     ) as bar:
         task = bar.add_task("submitting", total=len(inputs))
-        return await client.submit_many(
+        return await orch.submit_many(
             machine,
             inputs,
             ids=ids,
@@ -359,24 +322,23 @@ async def _submit_with_progress(client, machine, inputs, ids, queue, priority, d
 def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
     """Claim and run executions; SIGTERM/SIGINT drains."""
     from .app import load_hooks_registry
-    from .worker import Worker, WorkerOptions
 
     settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
 
     async def body() -> None:
         registry = load_hooks_registry(settings.app)
         # a --burst worker is a batch job: no database, nothing to do (exit 2)
-        store = await (Store.open(settings) if burst else open_store_waiting(settings))
+        orch = await (Orchestrator(settings=settings).open() if burst else open_waiting(settings))
         try:
-            options = WorkerOptions(
+            await orch.serve_worker(
+                registry,
                 queues=list(queues) or ["default"],
                 concurrency=concurrency,
                 burst=burst,
                 drain_timeout=drain_timeout,
             )
-            await Worker(store, registry, options, settings).run()
         finally:
-            await store.close()
+            await orch.close()
 
     run(body)
 
@@ -393,10 +355,8 @@ def list_(ctx, status, queue, limit, parent, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with await Client.open(settings) as client:
-            if parent:
-                await client.get(parent)  # an unknown parent is a mistake, not an empty list
-            rows = await client.list(status=status, queue=queue, limit=limit, parent=parent)
+        async with Orchestrator(settings=settings) as orch:
+            rows = await orch.list(status=status, queue=queue, limit=limit, parent=parent)
         if as_json:
             emit_json([execution_json(ex) for ex in rows])
             return
@@ -433,22 +393,12 @@ def show(ctx, execution_id, context_only, step, as_json):
         fail("--step goes with --context (the context at that step)")
 
     async def body() -> None:
-        async with await Client.open(settings) as client:
+        async with Orchestrator(settings=settings) as orch:
             if context_only:
-                at, context = await client.context(execution_id, step)
-                emit_json(context)
+                emit_json(await orch.context(execution_id, step))
                 return
-            ex = await client.get(execution_id)
-            history = await client.history(execution_id)
-            children = await client.children(execution_id)
-        doc = {
-            **execution_json(ex),
-            "history": [
-                {"step": h.step, "event": h.event, "state": h.state, "at": iso(h.at)}
-                for h in history
-            ],
-            "children": [{"id": c.id, "machine": c.machine, "status": c.status} for c in children],
-        }
+            ex = await orch.get(execution_id, detail=True)
+        doc = execution_json(ex)
         if as_json:
             emit_json(doc)
             return
@@ -498,9 +448,9 @@ def result(ctx, execution_id, timeout):
     settings = settings_from(ctx)
 
     async def body() -> int:
-        async with await Client.open(settings) as client:
+        async with Orchestrator(settings=settings) as orch:
             try:
-                ex = await client.wait(execution_id, timeout)
+                ex = await orch.wait(execution_id, timeout)
             except WaitTimeout as exc:
                 click.echo(
                     f"orch: timed out waiting for {execution_id} (still {exc.execution.status})",
@@ -510,9 +460,7 @@ def result(ctx, execution_id, timeout):
         if ex.status == "completed":
             click.echo(json.dumps(ex.output))
             return 0
-        click.echo(
-            f"orch: execution {ex.id} is {ex.status}: {ex.error or ''}".rstrip(": "), err=True
-        )
+        click.echo(f"orch: {ExecutionFailed(ex)}", err=True)
         return EXIT_FAILED
 
     sys.exit(run(body))
@@ -527,31 +475,10 @@ def workers(ctx, include_stopped, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        store = await Store.open(settings)
-        try:
-            rows = await store.list_workers(include_stopped=include_stopped or as_json)
-        finally:
-            await store.close()
+        async with Orchestrator(settings=settings) as orch:
+            rows = await orch.workers(include_stopped=include_stopped or as_json)
         if as_json:
-            emit_json(
-                [
-                    {
-                        "id": w.id,
-                        "host": w.host,
-                        "pid": w.pid,
-                        "queues": w.queues,
-                        "concurrency": w.concurrency,
-                        "status": w.status,
-                        "running": w.running,
-                        "completed": w.completed,
-                        "failed": w.failed,
-                        "started_at": iso(w.started_at),
-                        "last_heartbeat": iso(w.last_heartbeat),
-                        "stopped_at": iso(w.stopped_at),
-                    }
-                    for w in rows
-                ]
-            )
+            emit_json([w.as_json() for w in rows])
             return
         _table(
             ["id", "status", "queues", "running", "completed", "failed", "heartbeat"],
@@ -580,23 +507,8 @@ def queues(ctx, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        store = await Store.open(settings)
-        try:
-            rows = await store.queue_stats()
-            events = await store.scaling_history(limit=200)
-        finally:
-            await store.close()
-        for row in rows:
-            row["scaling_events"] = [
-                {
-                    "at": iso(e["at"]),
-                    "from_workers": e["from_workers"],
-                    "to_workers": e["to_workers"],
-                    "reason": e["reason"],
-                }
-                for e in events
-                if e["queue"] == row["queue"]
-            ][:5]
+        async with Orchestrator(settings=settings) as orch:
+            rows = [q.as_json() for q in await orch.queues()]
         if as_json:
             emit_json(rows)
             return
@@ -628,12 +540,12 @@ def queues(ctx, as_json):
 
 
 def _change_execution(ctx, execution_id: str, as_json: bool, change, describe) -> None:
-    """One control verb on one execution: ``change(client, id)``, then print it."""
+    """One control verb on one execution: ``change(orch, id)``, then print it."""
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with await Client.open(settings) as client:
-            ex = await change(client, execution_id)
+        async with Orchestrator(settings=settings) as orch:
+            ex = await change(orch, execution_id)
         if as_json:
             emit_json(execution_json(ex))
         else:
@@ -654,7 +566,7 @@ def cancel(ctx, execution_id, reason, as_json):
         ctx,
         execution_id,
         as_json,
-        lambda client, ex_id: client.cancel(ex_id, reason),
+        lambda orch, ex_id: orch.cancel(ex_id, reason),
         lambda ex: f"{ex.id} {ex.status}",
     )
 
@@ -669,8 +581,8 @@ def cancel(ctx, execution_id, reason, as_json):
 def retry(ctx, execution_id, machine, as_json):
     """Resume a failed or cancelled execution from its last checkpoint."""
 
-    async def change(client: Client, ex_id: str) -> Execution:
-        return await client.retry(ex_id, machine=load_machine_file(machine) if machine else None)
+    async def change(orch: Orchestrator, ex_id: str) -> Execution:
+        return await orch.retry(ex_id, machine=load_machine_file(machine) if machine else None)
 
     _change_execution(
         ctx,
@@ -699,8 +611,8 @@ def fork(ctx, execution_id, from_step, new_id, context_patch, queue, machine, as
     async def body() -> None:
         patch = parse_input_object(context_patch, "--context-patch") if context_patch else None
         config = load_machine_file(machine) if machine else None
-        async with await Client.open(settings) as client:
-            ex = await client.fork(
+        async with Orchestrator(settings=settings) as orch:
+            ex = await orch.fork(
                 execution_id,
                 from_step=from_step,
                 id=new_id,
@@ -753,8 +665,8 @@ def signal_(ctx, channel, data_json, data_file, as_json):
         data = read_signal_data(data_json, data_file)
         if not channel.strip():
             raise UserError("a signal needs a channel name, such as 'approval/job-1'")
-        async with await Client.open(settings) as client:
-            sent = await client.signal(channel, data)
+        async with Orchestrator(settings=settings) as orch:
+            sent = await orch.signal(channel, data)
         if as_json:
             emit_json({"id": sent.id, "channel": sent.channel, "woken": sent.woken})
         elif sent.woken:
@@ -774,18 +686,8 @@ def signals(ctx, channel, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with await Client.open(settings) as client:
-            rows = await client.signals(channel)
-        docs = [
-            {
-                "id": r.id,
-                "channel": r.channel,
-                "data": r.data,
-                "created_at": iso(r.created_at),
-                "taken_by": r.assigned_to,
-            }
-            for r in rows
-        ]
+        async with Orchestrator(settings=settings) as orch:
+            docs = [r.as_json() for r in await orch.signals(channel)]
         if as_json:
             emit_json(docs)
             return
@@ -812,8 +714,8 @@ def scale(ctx, queue, min_workers, max_workers, per_worker, create):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with await Client.open(settings) as client:
-            await client.scale(
+        async with Orchestrator(settings=settings) as orch:
+            await orch.scale(
                 queue,
                 min_workers=min_workers,
                 max_workers=max_workers,
@@ -847,8 +749,8 @@ def schedule_add(ctx, name, machine, cron, input_json, queue):
         trigger(cron)
         data = parse_input_object(input_json, "--input") if input_json is not None else {}
         config = load_machine_file(machine)
-        async with await Client.open(settings) as client:
-            first = await client.add_schedule(name, config, cron=cron, input=data, queue=queue)
+        async with Orchestrator(settings=settings) as orch:
+            first = await orch.add_schedule(name, config, cron=cron, input=data, queue=queue)
         click.echo(f"schedule '{name}' added; first run {iso(first)}")
 
     run(body)
@@ -862,23 +764,8 @@ def schedule_list(ctx, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        store = await Store.open(settings)
-        try:
-            rows = await store.list_schedules()
-        finally:
-            await store.close()
-        docs = [
-            {
-                "name": r["name"],
-                "machine": r["machine"],
-                "cron": r["cron"],
-                "queue": r["queue"],
-                "input": r["input"],
-                "next_fire_at": iso(r["next_fire_at"]),
-                "last_fired_at": iso(r["last_fired_at"]),
-            }
-            for r in rows
-        ]
+        async with Orchestrator(settings=settings) as orch:
+            docs = [r.as_json() for r in await orch.schedules()]
         if as_json:
             emit_json(docs)
             return
@@ -896,13 +783,8 @@ def schedule_remove(ctx, name):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        store = await Store.open(settings)
-        try:
-            removed = await store.remove_schedule(name)
-        finally:
-            await store.close()
-        if not removed:
-            raise UserError(f"no schedule named '{name}' (see `orch schedule list`)")
+        async with Orchestrator(settings=settings) as orch:
+            await orch.remove_schedule(name)
         click.echo(f"schedule '{name}' removed")
 
     run(body)
@@ -916,28 +798,18 @@ def _run_scheduler(
     log_dir: str,
     policy: tuple[str, int, int] | None = None,
 ) -> None:
-    from .app import load_hooks_registry
-    from .pool import LocalPool
-    from .scheduler import Scheduler
-
     async def body() -> None:
         if app:
-            load_hooks_registry(app)  # a bad --app is one clear line here, not in every worker
-        store = await open_store_waiting(settings)
+            from .app import load_hooks_registry
+
+            load_hooks_registry(app)  # a bad --app is one clear line, before any waiting
+        orch = await open_waiting(settings)
         try:
-            if policy is not None:
-                queue, lo, hi = policy
-                await Client(store).scale(queue, min_workers=lo, max_workers=hi, create=True)
-            pool = LocalPool(
-                database_url=settings.database_url,
-                app=app,
-                log_dir=Path(log_dir),
-                concurrency=concurrency,
-                lease_ttl=settings.lease_ttl,
+            await orch.serve_scheduler(
+                app=app, concurrency=concurrency, log_dir=log_dir, policy=policy
             )
-            await Scheduler(store, settings, pool=pool).run()
         finally:
-            await store.close()
+            await orch.close()
 
     run(body)
 
@@ -999,8 +871,8 @@ def upgrade(ctx):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        store = await Store.open(settings)  # opening brings the schema to head
-        await store.close()
+        async with Orchestrator(settings=settings):  # opening brings the schema to head
+            pass
         click.echo(f"database at revision {head_revision()}")
 
     run(body)

@@ -19,6 +19,8 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, MachineHooks
@@ -35,6 +37,34 @@ from .store.outage import Backoff
 log = logging.getLogger(__name__)
 
 
+def process_alive(pid: int, since: datetime) -> bool:
+    """Whether ``pid`` still runs the process that registered at ``since``
+    (naive UTC): not gone, not a zombie, not a newer process given its pid."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+    except (OSError, StopIteration, ValueError, IndexError):
+        return True  # no /proc: the lease decides
+    fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return False  # dead, not yet reaped by its parent
+    started = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    registered = since.replace(tzinfo=UTC).timestamp()
+    return started <= registered + 1.0  # a process born after the row is another one
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -45,6 +75,8 @@ class WorkerOptions:
     concurrency: int = 1
     burst: bool = False
     drain_timeout: float = 30.0  # seconds a drain waits for running executions
+    # SIGTERM/SIGINT drain it: `orch worker`; an embedding application keeps its own
+    handle_signals: bool = True
 
 
 class LeaseKeeper(threading.Thread):
@@ -111,6 +143,7 @@ class Worker:
         self._orphans = False
         self.completed = 0
         self.failed = 0
+        self.registered = asyncio.Event()
 
     # ------------------------------------------------------------ public
 
@@ -173,12 +206,36 @@ class Worker:
         self._backoff.reset()
         self._keeper = LeaseKeeper(self)
         self._keeper.start()
+        await self._take_over_dead_neighbours()
+        self.registered.set()
         log.info(
             "worker %s serving %s with concurrency %d",
             self.id,
             ",".join(self.options.queues),
             self.options.concurrency,
         )
+
+    async def _take_over_dead_neighbours(self) -> None:
+        """Workers of this host whose process is gone (a restarted application's
+        dead predecessor, say) hold nothing: their executions are requeued now,
+        not after their leases run out. Fencing still holds."""
+        host = socket.gethostname()
+        try:
+            rows = await self.store.list_workers(include_stopped=False)
+            dead = [
+                w.pid
+                for w in rows
+                if w.host == host
+                and w.status in ("active", "draining")
+                and w.id != self.id
+                and not process_alive(w.pid, w.started_at)
+            ]
+            if not dead:
+                return
+            for worker_id in await self.store.workers_exited(host, dead):
+                log.info("worker %s of this host is gone: its executions resume now", worker_id)
+        except StoreUnavailable:
+            pass  # their leases run out instead
 
     async def claim(self) -> int:
         claimed = 0
@@ -365,11 +422,15 @@ class Worker:
 
     def _install_signal_handlers(self) -> None:
         assert self._loop is not None
+        if not self.options.handle_signals:
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._on_stop_signal)
 
     def _remove_signal_handlers(self) -> None:
         assert self._loop is not None
+        if not self.options.handle_signals:
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.remove_signal_handler(sig)
 
