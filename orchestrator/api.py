@@ -27,7 +27,7 @@ import yaml
 from flatmachines import HooksRegistry
 
 from . import schemas
-from .app import load_hooks_registry
+from .app import load_agent_adapters, load_hooks_registry
 from .client import Client, WaitTimeout
 from .errors import OrchError, StoreUnavailable, UserError
 from .machine_config import MachineConfig, load_machine_file
@@ -337,6 +337,11 @@ class Orchestrator:
 
     # ------------------------------------------------------------ workers
 
+    def _adapters(self, hooks: HooksRegistry | str | None, adapters: list[Any] | None) -> list[Any]:
+        if adapters is not None:
+            return list(adapters)
+        return load_agent_adapters(hooks) if isinstance(hooks, str) and hooks else []
+
     def _registry(self, hooks: HooksRegistry | str | None) -> HooksRegistry:
         if isinstance(hooks, HooksRegistry):
             return hooks
@@ -355,6 +360,7 @@ class Orchestrator:
         concurrency: int = 4,
         queues: list[str] | tuple[str, ...] = ("default",),
         drain_timeout: float = 30.0,
+        agent_adapters: list[Any] | None = None,
     ) -> AsyncIterator[Worker]:
         """A worker in this process, for the length of the ``async with``: it
         claims and runs executions of ``queues`` with the given hooks, and on
@@ -368,6 +374,7 @@ class Orchestrator:
             concurrency=concurrency,
             drain_timeout=drain_timeout,
             handle_signals=False,
+            agent_adapters=self._adapters(hooks, agent_adapters),
         )
         worker = Worker(self.store, registry, options, self.settings)
         task = asyncio.create_task(worker.run(), name=f"orch-worker:{worker.id}")
@@ -390,11 +397,16 @@ class Orchestrator:
         queues: list[str] | tuple[str, ...] = ("default",),
         burst: bool = False,
         drain_timeout: float = 30.0,
+        agent_adapters: list[Any] | None = None,
     ) -> dict[str, Any]:
         """Run a worker in the foreground until SIGTERM/SIGINT drains it (or,
         with ``burst``, until nothing is left to claim): `orch worker`."""
         options = WorkerOptions(
-            queues=list(queues), concurrency=concurrency, burst=burst, drain_timeout=drain_timeout
+            queues=list(queues),
+            concurrency=concurrency,
+            burst=burst,
+            drain_timeout=drain_timeout,
+            agent_adapters=self._adapters(hooks, agent_adapters),
         )
         return await Worker(self.store, self._registry(hooks), options, self.settings).run()
 

@@ -321,12 +321,13 @@ async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, del
 @click.pass_context
 def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
     """Claim and run executions; SIGTERM/SIGINT drains."""
-    from .app import load_hooks_registry
+    from .app import load_agent_adapters, load_hooks_registry
 
     settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
 
     async def body() -> None:
         registry = load_hooks_registry(settings.app)
+        adapters = load_agent_adapters(settings.app)
         # a --burst worker is a batch job: no database, nothing to do (exit 2)
         orch = await (Orchestrator(settings=settings).open() if burst else open_waiting(settings))
         try:
@@ -336,6 +337,7 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
                 concurrency=concurrency,
                 burst=burst,
                 drain_timeout=drain_timeout,
+                agent_adapters=adapters,
             )
         finally:
             await orch.close()

@@ -21,6 +21,7 @@ from flatmachines.persistence import config_hash
 from flatmachines.validation import validate_flatmachine_config
 
 from . import timers
+from .app import LazyAgentRegistry
 from .errors import UserError
 
 
@@ -160,7 +161,10 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
             logging.getLogger("flatmachines").disabled = True
             try:
                 machine = FlatMachine(
-                    config_file=str(p), hooks_registry=_AnyHooks(), persistence=MemoryBackend()
+                    config_file=str(p),
+                    hooks_registry=_AnyHooks(),
+                    persistence=MemoryBackend(),
+                    agent_registry=LazyAgentRegistry(),  # no agent is called to check
                 )
             finally:
                 logging.getLogger("flatmachines").disabled = False

@@ -30,12 +30,11 @@ from datetime import datetime
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, __version__
-from flatmachines.adapters import create_registry
 from flatmachines.persistence import MachineSnapshot
 from flatmachines.utils import check_spec_version
 
 from . import timers
-from .app import registered_names
+from .app import LazyAgentRegistry, registered_names
 from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
@@ -121,15 +120,20 @@ class Runner:
     """Builds FlatMachines for claims; one per worker (it caches parsed configs)."""
 
     def __init__(
-        self, store: Store, hooks_registry: HooksRegistry, *, linger: float = DEFAULT_LINGER
+        self,
+        store: Store,
+        hooks_registry: HooksRegistry,
+        *,
+        linger: float = DEFAULT_LINGER,
+        agent_adapters: list[Any] | None = None,
     ):
         self.store = store
         self.linger = linger
         self.hooks_registry = hooks_registry
         self.configs = ConfigCache()
         # the library builds a registry (trying every optional adapter's import)
-        # per machine unless given one
-        self.agent_registry = create_registry()
+        # per machine unless given one; this one imports them on first use
+        self.agent_registry = LazyAgentRegistry(agent_adapters)
         self.config_store = StoreConfigStore(store)
 
     async def _config(self, config_hash: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from flatmachines import FlatMachine, HooksRegistry, MachineHooks
+from flatmachines.agents import AgentAdapterRegistry
 
 import machines
 
@@ -128,7 +129,11 @@ class Scheduler:
         """One run of a control machine; its states share one hooks object."""
         registry = HooksRegistry()
         registry.register(hooks_name, lambda: hooks)
-        machine = FlatMachine(config_file=str(machines.path(name)), hooks_registry=registry)
+        machine = FlatMachine(
+            config_file=str(machines.path(name)),
+            hooks_registry=registry,
+            agent_registry=AgentAdapterRegistry(),  # a control loop calls no agent
+        )
         return await machine.execute()
 
     # ------------------------------------------------------------------- run

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, MachineHooks
+from flatmachines.agents import AgentAdapterRegistry
 
 import machines
 
@@ -77,6 +78,8 @@ class WorkerOptions:
     drain_timeout: float = 30.0  # seconds a drain waits for running executions
     # SIGTERM/SIGINT drain it: `orch worker`; an embedding application keeps its own
     handle_signals: bool = True
+    # the app's agent adapters, over flatmachines' own
+    agent_adapters: list[Any] = field(default_factory=list)
 
 
 class LeaseKeeper(threading.Thread):
@@ -125,7 +128,7 @@ class Worker:
         self.settings = settings or store.settings
         self.options = options
         self.id = new_worker_id()
-        self.runner = Runner(store, hooks_registry)
+        self.runner = Runner(store, hooks_registry, agent_adapters=options.agent_adapters)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task, Claim]] = {}
         self._held_lock = threading.Lock()
@@ -154,7 +157,9 @@ class Worker:
         registry = HooksRegistry()
         registry.register("orch-worker", lambda: WorkerHooks(self))
         loop_machine = FlatMachine(
-            config_file=str(machines.path("worker")), hooks_registry=registry
+            config_file=str(machines.path("worker")),
+            hooks_registry=registry,
+            agent_registry=AgentAdapterRegistry(),  # a control loop calls no agent
         )
         try:
             return await loop_machine.execute(max_steps=2**62)
