@@ -859,6 +859,21 @@ def up(ctx, app, queue, min_workers, max_workers, concurrency, log_dir, lease_tt
     )
 
 
+@cli.command()
+@click.option(
+    "--dir", "directory", help="Where to keep its store and logs (default: a new temp dir)."
+)
+def demo(directory):
+    """A one-minute tour on a fresh SQLite file: a pool runs the examples, a worker
+    is killed mid-execution and the execution resumes elsewhere."""
+    from .demo import run_demo
+
+    path = Path(directory) if directory else None
+    if path is not None and (path / "orch.sqlite").exists():
+        fail(f"{path / 'orch.sqlite'} exists: the demo wants a fresh store; give another --dir")
+    sys.exit(run_demo(path))
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""

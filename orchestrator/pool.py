@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .supervise import die_with_parent
+
 log = logging.getLogger(__name__)
 
 
@@ -65,7 +67,12 @@ class LocalPool:
             # own session: a Ctrl-C at the terminal reaches the pool through
             # `orch up`, which drains its workers in order
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # a pool never outlives its scheduler
             )
         self.children[proc.pid] = Spawned(proc, queue, log_path, time.monotonic())
         log.info("started worker pid %d for queue '%s' (log %s)", proc.pid, queue, log_path)

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import traceback
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -39,6 +40,7 @@ from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
+from .offloop import off_loop
 from .persistence import (
     DEFAULT_LINGER,
     FencedLock,
@@ -77,11 +79,25 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     given. Everything else is the library's own construction.
     """
 
-    def __init__(self, *, pinned: str, config_hash: str, **kwargs: Any):
+    def __init__(
+        self, *, pinned: str, config_hash: str, hook_threads: Executor | None = None, **kwargs: Any
+    ):
         self._pinned_raw = pinned
+        self._hook_threads = hook_threads
         super().__init__(**kwargs)
         # no re-hash and no re-put of the config per execution
         self._config_hash = config_hash
+        self._lifecycle_hooks = off_loop(self._lifecycle_hooks, hook_threads)
+
+    def _get_state_hooks(self, state_name: str) -> Any:
+        # sync hook methods run on the worker's threads (offloop.py)
+        cached = self._state_hooks_cache.get(state_name)
+        if cached is None:
+            hooks = super()._get_state_hooks(state_name)
+            if hooks is not self._noop_state_hooks:
+                hooks = off_loop(hooks, self._hook_threads)
+            self._state_hooks_cache[state_name] = cached = hooks
+        return cached
 
     def _capture_config_raw(self) -> str:
         return self._pinned_raw
@@ -126,6 +142,7 @@ class Runner:
         *,
         linger: float = DEFAULT_LINGER,
         agent_adapters: list[Any] | None = None,
+        hook_threads: int = 4,
     ):
         self.store = store
         self.linger = linger
@@ -134,6 +151,8 @@ class Runner:
         # the library builds a registry (trying every optional adapter's import)
         # per machine unless given one; this one imports them on first use
         self.agent_registry = LazyAgentRegistry(agent_adapters)
+        # sync hook methods run here, off the event loop: as many as run at once
+        self.hook_threads = ThreadPoolExecutor(hook_threads, thread_name_prefix="hooks")
         self.config_store = StoreConfigStore(store)
 
     async def _config(self, config_hash: str) -> dict[str, Any]:
@@ -238,6 +257,7 @@ class Runner:
             result_backend=StoreResults(self.store),
             config_store=self.config_store,
             agent_registry=self.agent_registry,
+            hook_threads=self.hook_threads,
             _execution_id=ex.id,
         )
         persistence.final_states = frozenset(machine._final_states)

@@ -128,7 +128,12 @@ class Worker:
         self.settings = settings or store.settings
         self.options = options
         self.id = new_worker_id()
-        self.runner = Runner(store, hooks_registry, agent_adapters=options.agent_adapters)
+        self.runner = Runner(
+            store,
+            hooks_registry,
+            agent_adapters=options.agent_adapters,
+            hook_threads=options.concurrency,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task, Claim]] = {}
         self._held_lock = threading.Lock()

@@ -17,7 +17,7 @@ from orchestrator.clock import utcnow
 from orchestrator.settings import Settings
 from orchestrator.store import Store
 
-from .conftest import chain_machine, run_async, wait_until
+from .conftest import chain_machine, run_async, wait_until, write_machine
 
 TTL = "2"  # seconds: short leases so a crash is recovered quickly
 
@@ -237,3 +237,39 @@ def test_blocking_hook_longer_than_ttl_keeps_its_lease(db_url, store, tmp_path, 
     ex = get(store, ex_id)
     assert ex.status == "completed" and ex.fence == 1 and ex.recoveries == 0
     assert len(effect_lines(effects)) == 1
+
+
+def test_blocking_sync_hooks_of_one_worker_run_side_by_side(
+    db_url, store, tmp_path, effects, workers
+):
+    """Four executions whose sync hook blocks until all four are inside it: with
+    the hooks on the event loop the first would block the rest, and the
+    rendezvous would break (its own timeout is the failure, not a measure)."""
+    machine = write_machine(
+        tmp_path / "meet.yml",
+        {
+            "spec": "flatmachine",
+            "spec_version": "4.2.1",
+            "data": {
+                "name": "meet",
+                "context": {"acc": 0},
+                "states": {
+                    "start": {"type": "initial", "transitions": [{"to": "meet"}]},
+                    "meet": {
+                        "hooks": "sync",
+                        "action": "rendezvous",
+                        "transitions": [{"to": "done"}],
+                    },
+                    "done": {"type": "final", "output": {"acc": "context.acc"}},
+                },
+            },
+        },
+    )
+    ids = submit(db_url, machine, [{}] * 4)
+    env = {**worker_env(effects), "ORCH_TEST_PARTIES": "4"}
+    w = workers(db_url, "--app", "testapp", "--burst", "--concurrency", "4", **env)
+    assert w.wait() == 0, w.log()
+    assert [get(store, i).status for i in ids] == ["completed"] * 4, [
+        get(store, i).error for i in ids
+    ]
+    assert {get(store, i).attempt for i in ids} == {1}

@@ -8,6 +8,7 @@ counts from outside how often each state really ran.
 import asyncio
 import os
 import signal
+import threading
 
 from flatmachines import HooksRegistry, MachineHooks
 
@@ -26,6 +27,9 @@ def record(context, state_name):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+RENDEZVOUS = threading.Barrier(int(os.environ.get("ORCH_TEST_PARTIES") or 1))
 
 
 class EffectsHooks(MachineHooks):
@@ -59,5 +63,20 @@ class EffectsHooks(MachineHooks):
         return output
 
 
+class SyncHooks(MachineHooks):
+    """Plain (not async) hooks, as a sync LLM or HTTP client would be written.
+
+    `rendezvous` blocks (the thread) until ORCH_TEST_PARTIES executions of this
+    process are inside it at once: it can only pass if they run side by side."""
+
+    def on_action(self, state_name, action_name, context):
+        record(context, state_name)
+        if action_name == "rendezvous":
+            RENDEZVOUS.wait(timeout=30)
+        context["acc"] = int(context.get("acc") or 0) + 1
+        return context
+
+
 hooks_registry = HooksRegistry()
 hooks_registry.register("effects", EffectsHooks)
+hooks_registry.register("sync", SyncHooks)
