@@ -110,7 +110,9 @@ def test_sigkill_in_slow_state_resumes_on_another_worker(db_url, store, tmp_path
     ex = get(store, ex_id)
     assert ex.status == "completed"
     assert ex.output == {"acc": 3, "by": second.pid}
-    assert ex.recoveries == 1 and ex.fence == 2
+    # one recovery: the second worker found the first one's process gone and
+    # requeued its execution (fence 2) before it claimed it (fence 3)
+    assert ex.recoveries == 1 and ex.fence == 3
     # s1 committed its state_exit before the crash: never again. s2 was in flight: twice.
     assert runs_per_state(effects, ex_id) == Counter({"s1": 1, "s2": 2, "s3": 1})
     s2_keys = {key for e, state, key, _ in effect_lines(effects) if state == "s2"}
