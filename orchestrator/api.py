@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -252,12 +253,31 @@ class Orchestrator:
         status: str | None = None,
         queue: str | None = None,
         parent: str | None = None,
+        text: str | None = None,
         limit: int = 50,
+        offset: int = 0,
     ) -> list[schemas.Execution]:
+        """Executions, newest first; ``text`` matches part of an id or machine name."""
         if parent:
             await self.client.get(parent)  # an unknown parent is a mistake, not an empty list
-        rows = await self.client.list(status=status, queue=queue, parent=parent, limit=limit)
+        rows = await self.store.list_executions(
+            status=status, queue=queue, parent=parent, text=text, limit=limit, offset=offset
+        )
         return [schemas.Execution.of(ex) for ex in rows]
+
+    async def checkpoint_context(self, execution_id: str, seq: int) -> Any:
+        """The context of one checkpoint of the history (its ``seq``)."""
+        at = await self.store.checkpoint_at(execution_id, seq=seq)
+        if at is None:
+            raise UserError(f"execution {execution_id} has no checkpoint {seq}")
+        return json.loads(at.snapshot or b"{}").get("context")
+
+    async def throughput(self, *, buckets: int = 60, seconds: float = 10.0) -> list[int]:
+        """Completions in each of the last ``buckets`` windows of ``seconds``."""
+        return await self.store.finished_per_bucket(buckets=buckets, seconds=seconds)
+
+    async def count_by_status(self) -> dict[str, int]:
+        return await self.store.count_by_status()
 
     async def context(self, execution_id: str, step: int | None = None) -> Any:
         """The context at the latest checkpoint, or at ``step``."""
@@ -308,6 +328,15 @@ class Orchestrator:
             per_worker=per_worker,
             create=create,
         )
+
+    async def pause_queue(self, queue: str) -> None:
+        """No worker claims the queue's executions until ``resume_queue``."""
+        if not await self.store.set_queue_paused(queue, True):
+            raise UserError(f"no queue named '{queue}' (see `orch queues`)")
+
+    async def resume_queue(self, queue: str) -> None:
+        if not await self.store.set_queue_paused(queue, False):
+            raise UserError(f"no queue named '{queue}' (see `orch queues`)")
 
     async def add_schedule(
         self,

@@ -861,6 +861,29 @@ def up(ctx, app, queue, min_workers, max_workers, concurrency, log_dir, lease_tt
 
 @cli.command()
 @click.option(
+    "--refresh",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--lease-ttl",
+    type=click.FloatRange(min=0.1),
+    envvar="ORCH_LEASE_TTL",
+    help="Heartbeats older than this turn red (default 30).",
+)
+@click.pass_context
+def tui(ctx, refresh, lease_ttl):
+    """The live console: workers, queues and executions, with actions."""
+    from tui import OrchApp
+
+    settings = settings_from(ctx, lease_ttl=lease_ttl)
+    OrchApp(settings, refresh_every=refresh).run()
+
+
+@cli.command()
+@click.option(
     "--dir", "directory", help="Where to keep its store and logs (default: a new temp dir)."
 )
 def demo(directory):

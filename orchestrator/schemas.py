@@ -35,6 +35,7 @@ class Checkpoint(_Model):
     event: str
     state: str | None
     at: Timestamp
+    seq: int | None = None  # its number: `Orchestrator.checkpoint_context(id, seq)`
 
 
 class Child(_Model):
@@ -90,7 +91,8 @@ class Execution(_Model):
         fields = {name: getattr(ex, name) for name in cls.model_fields if hasattr(ex, name)}
         if history is not None:
             fields["history"] = [
-                Checkpoint(step=h.step, event=h.event, state=h.state, at=h.at) for h in history
+                Checkpoint(step=h.step, event=h.event, state=h.state, at=h.at, seq=h.seq)
+                for h in history
             ]
         if children is not None:
             fields["children"] = [

@@ -106,12 +106,14 @@ class LeaseKeeper(threading.Thread):
             while not self._stop_event.wait(interval):
                 try:
                     lost, status = await store.renew_leases(w.id, w.held_leases())
+                    paused = await store.paused_queues(w.options.queues)
                 except StoreUnavailable:
                     continue  # the store logs the outage once; the next tick tries again
                 except Exception:
                     log.exception("lease renewal failed")
                     continue
                 w.on_renewed(lost, status)
+                w.paused = frozenset(paused)
         finally:
             await store.close()
 
@@ -152,6 +154,8 @@ class Worker:
         self.completed = 0
         self.failed = 0
         self.registered = asyncio.Event()
+        # queues paused in the store (refreshed with each lease renewal): not claimed
+        self.paused: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------ public
 
@@ -214,6 +218,10 @@ class Worker:
                     raise
                 await self._pause()
         self._backoff.reset()
+        try:
+            self.paused = frozenset(await self.store.paused_queues(self.options.queues))
+        except StoreUnavailable:
+            pass
         self._keeper = LeaseKeeper(self)
         self._keeper.start()
         await self._take_over_dead_neighbours()
@@ -252,8 +260,13 @@ class Worker:
         try:
             if self._orphans and not self._drain_requested:
                 await self._release_orphans()
-            while not self._drain_requested and len(self._running) < self.options.concurrency:
-                claim = await self.store.claim(self.id, self.options.queues)
+            queues = [q for q in self.options.queues if q not in self.paused]
+            while (
+                queues
+                and not self._drain_requested
+                and len(self._running) < self.options.concurrency
+            ):
+                claim = await self.store.claim(self.id, queues)
                 if claim is None:
                     break
                 claimed += 1

@@ -191,6 +191,10 @@ class TcpCut:
                 client.close()
                 continue
             with self._lock:
+                if self._listener is not listener:  # cut while this one was connecting
+                    client.close()
+                    upstream.close()
+                    continue
                 self._conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()

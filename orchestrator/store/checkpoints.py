@@ -90,6 +90,7 @@ class Checkpoints:
                 checkpoints.c.event,
                 checkpoints.c.state,
                 checkpoints.c.created_at,
+                checkpoints.c.id,
             )
             .where(checkpoints.c.execution_id == execution_id)
             .order_by(checkpoints.c.id)
@@ -97,7 +98,8 @@ class Checkpoints:
 
         def tx(conn: sa.Connection) -> list[CheckpointRecord]:
             return [
-                CheckpointRecord(r.step, r.event, r.state, r.created_at) for r in conn.execute(stmt)
+                CheckpointRecord(r.step, r.event, r.state, r.created_at, seq=r.id)
+                for r in conn.execute(stmt)
             ]
 
         return await self.db.read(tx)
@@ -180,26 +182,31 @@ class Checkpoints:
         return await self.db.read(tx)
 
     async def checkpoint_at(
-        self, execution_id: str, step: int | None = None
+        self, execution_id: str, step: int | None = None, *, seq: int | None = None
     ) -> CheckpointRecord | None:
-        """The last checkpoint of ``step`` (its state_exit, once committed), or
-        the latest one; with its snapshot."""
+        """The last checkpoint of ``step`` (its state_exit, once committed), the
+        one numbered ``seq`` (a history entry's), or the latest; with its snapshot."""
         stmt = sa.select(
             checkpoints.c.step,
             checkpoints.c.event,
             checkpoints.c.state,
             checkpoints.c.created_at,
             checkpoints.c.snapshot,
+            checkpoints.c.id,
         ).where(checkpoints.c.execution_id == execution_id)
         if step is not None:
             stmt = stmt.where(checkpoints.c.step == step)
+        if seq is not None:
+            stmt = stmt.where(checkpoints.c.id == seq)
         stmt = stmt.order_by(checkpoints.c.id.desc()).limit(1)
 
         def tx(conn: sa.Connection) -> CheckpointRecord | None:
             r = conn.execute(stmt).first()
             if r is None:
                 return None
-            return CheckpointRecord(r.step, r.event, r.state, r.created_at, bytes(r.snapshot))
+            return CheckpointRecord(
+                r.step, r.event, r.state, r.created_at, bytes(r.snapshot), seq=r.id
+            )
 
         return await self.db.read(tx)
 

@@ -214,7 +214,10 @@ class Executions:
         queue: str | None = None,
         limit: int = 50,
         parent: str | None = None,
+        text: str | None = None,
+        offset: int = 0,
     ) -> list[Execution]:
+        """Newest first; ``text`` matches a part of the id or the machine name."""
         stmt = sa.select(executions).order_by(
             executions.c.created_at.desc(), executions.c.id.desc()
         )
@@ -224,10 +227,38 @@ class Executions:
             stmt = stmt.where(executions.c.queue == queue)
         if parent:
             stmt = stmt.where(executions.c.parent_id == parent)
-        stmt = stmt.limit(limit)
+        if text:
+            pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            stmt = stmt.where(
+                sa.or_(
+                    executions.c.id.like(pattern, escape="\\"),
+                    executions.c.machine.like(pattern, escape="\\"),
+                )
+            )
+        stmt = stmt.limit(limit).offset(offset)
 
         def tx(conn: sa.Connection) -> list[Execution]:
             return [Execution.from_row(r) for r in (conn.execute(stmt)).mappings()]
+
+        return await self.db.read(tx)
+
+    async def finished_per_bucket(
+        self, *, buckets: int, seconds: float, status: str = "completed"
+    ) -> list[int]:
+        """How many executions ended ``status`` in each of the last ``buckets``
+        windows of ``seconds``, oldest first (a throughput sparkline)."""
+
+        def tx(conn: sa.Connection) -> list[int]:
+            now = utcnow()
+            since = now - timedelta(seconds=buckets * seconds)
+            counts = [0] * buckets
+            stmt = sa.select(executions.c.finished_at).where(
+                executions.c.finished_at >= since, executions.c.status == status
+            )
+            for (at,) in conn.execute(stmt):
+                i = int((at - since).total_seconds() // seconds)
+                counts[min(max(i, 0), buckets - 1)] += 1
+            return counts
 
         return await self.db.read(tx)
 

@@ -89,6 +89,7 @@ executions = Table(
     Index("ix_executions_waiting", "status", "waiting_channel"),
     Index("ix_executions_wake", "status", "wake_at"),
     Index("ix_executions_parent", "parent_id"),
+    Index("ix_executions_finished", "status", "finished_at"),
     Index("ix_executions_parent_group", "parent_group"),
     Index("ix_executions_created", "created_at"),
     Index("ix_executions_worker", "worker_id"),

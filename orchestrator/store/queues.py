@@ -150,6 +150,26 @@ class Queues:
 
         return await self.db.write(tx)
 
+    async def set_queue_paused(self, queue: str, paused: bool) -> bool:
+        """Pause (no claim takes its executions) or resume a queue. False if no such queue."""
+
+        def tx(conn: sa.Connection) -> bool:
+            result = conn.execute(
+                sa.update(queues).where(queues.c.name == queue).values(paused=1 if paused else 0)
+            )
+            return result.rowcount == 1
+
+        return await self.db.write(tx)
+
+    async def paused_queues(self, names: list[str]) -> set[str]:
+        """Which of these queues are paused."""
+
+        def tx(conn: sa.Connection) -> set[str]:
+            stmt = sa.select(queues.c.name).where(queues.c.name.in_(names), queues.c.paused != 0)
+            return set(conn.scalars(stmt))
+
+        return await self.db.read(tx)
+
     async def queue_exists(self, queue: str) -> bool:
         def tx(conn: sa.Connection) -> bool:
             return conn.scalar(sa.select(queues.c.name).where(queues.c.name == queue)) is not None

@@ -106,6 +106,7 @@ class CheckpointRecord:
     state: str | None
     at: datetime
     snapshot: bytes | None = None  # when asked for
+    seq: int | None = None  # the checkpoint's number, to ask for it again
 
 
 @dataclass(frozen=True, slots=True)

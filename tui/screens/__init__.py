@@ -1,0 +1,1 @@
+"""The console's screens: the main one, one execution, and the prompts."""
