@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from .app import load_agent_adapters, load_hooks_registry
 from .client import Client, WaitTimeout
 from .errors import OrchError, StoreUnavailable, UserError
 from .machine_config import MachineConfig, load_machine_file
+from .routing import names_in
 from .settings import Settings
 from .store import Store
 from .store.outage import Backoff
@@ -241,11 +243,35 @@ class Orchestrator:
         ex = await self.client.get(execution_id)
         if not detail:
             return schemas.Execution.of(ex)
+        missing = None
+        if ex.status == "queued" and ex.needs:
+            missing = await self._missing_hooks(ex.queue, [ex.needs]) or None
         return schemas.Execution.of(
             ex,
             history=await self.client.history(execution_id),
             children=await self.client.children(execution_id),
+            missing_hooks=missing,
         )
+
+    async def _missing_hooks(
+        self, queue: str, needs: list[str], workers: list[Any] | None = None
+    ) -> list[str]:
+        """The hook names of each of ``needs`` that no live worker of ``queue`` can run."""
+        if workers is None:
+            workers = await self.store.list_workers(include_stopped=False)
+        live = [
+            set(w.hooks or [])
+            for w in workers
+            if w.status in ("active", "draining")
+            and queue in (w.queues or [])
+            and w.hooks is not None
+        ]
+        missing: set[str] = set()
+        for need in needs:
+            wanted = names_in(need)
+            if not any(wanted <= have for have in live):
+                missing |= wanted  # no one worker of the queue has them all
+        return sorted(missing)
 
     async def list(
         self,
@@ -291,12 +317,18 @@ class Orchestrator:
     async def queues(self) -> list[schemas.QueueStats]:
         """Per queue: executions per status, workers, pool policy, latest scaling."""
         events = await self.store.scaling_history(limit=200)
+        needs = await self.store.queued_needs()
+        workers = await self.store.list_workers(include_stopped=False)
         out = []
         for row in await self.store.queue_stats():
             mine = [e for e in events if e["queue"] == row["queue"]][:5]
+            wanted = [n for n in needs.get(row["queue"], []) if n]
             out.append(
                 schemas.QueueStats(
                     **row,
+                    waiting_for_hooks=await self._missing_hooks(row["queue"], wanted, workers)
+                    if wanted
+                    else [],
                     scaling_events=[
                         schemas.ScalingEvent(
                             at=e["at"],
@@ -454,6 +486,11 @@ class Orchestrator:
 
         if app:
             load_hooks_registry(app)  # a bad app is one clear line here, not in every worker
+        else:
+            logging.getLogger("orchestrator.scheduler").warning(
+                "no --app: the workers this scheduler starts have no hooks, and run only "
+                "workflows that name none (the rest wait for a worker that has them)"
+            )
         if policy is not None:
             queue, lo, hi = policy
             await self.scale(queue, min_workers=lo, max_workers=hi, create=True)

@@ -32,6 +32,7 @@ from flatmachines.backends import parse_uri
 from flatmachines.flatmachine import WaitingForSignal
 from flatmachines.persistence import config_hash
 
+from .routing import needs_of
 from .store import Claim, Execution, NewExecution, Store
 
 MAX_ID = 200  # executions.id
@@ -105,7 +106,7 @@ class StoreInvoker(QueueInvoker):
         raw = yaml.safe_dump(config, sort_keys=False)
         name = str((config.get("data") or {}).get("name") or "unnamed-machine")
         digest = config_hash(raw)
-        await self.store.put_config(digest, name, raw)
+        await self.store.put_config(digest, name, raw, needs_of(config))
         return digest, name
 
     async def child(

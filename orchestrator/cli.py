@@ -423,6 +423,13 @@ def show(ctx, execution_id, context_only, step, as_json):
             click.echo(f"{'wakes at':>14}: {doc['wake_at']}")
         if doc["cancel_reason"]:
             click.echo(f"{'cancelled for':>14}: {doc['cancel_reason']}")
+        if doc["needs"]:
+            click.echo(f"{'needs hooks':>14}: {doc['needs']}")
+        if doc.get("missing_hooks"):
+            click.echo(
+                f"{'waiting for':>14}: a worker with hooks {', '.join(doc['missing_hooks'])} "
+                "(start one with --app MODULE whose hooks_registry has them)"
+            )
         click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
         click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
         if doc["error"]:
@@ -527,6 +534,12 @@ def queues(ctx, as_json):
             "max_workers",
         ]
         _table(cols, [[str(r[c]) for c in cols] for r in rows])
+        for r in rows:
+            if r["waiting_for_hooks"]:
+                click.echo(
+                    f"queue '{r['queue']}' has executions waiting for a worker with hooks "
+                    f"{', '.join(r['waiting_for_hooks'])} (--app MODULE)"
+                )
         recent = [(r["queue"], e) for r in rows for e in r["scaling_events"]]
         if recent:
             click.echo("\nrecent scaling:")

@@ -65,7 +65,9 @@ class Client:
     async def pin(self, machine: str | Path | MachineConfig) -> MachineConfig:
         """Load, check and store a machine config by its content hash."""
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
-        await self.store.put_config(config.hash, config.name, config.raw)
+        await self.store.put_config(
+            config.hash, config.name, config.raw, ",".join(sorted(config.hook_names))
+        )
         return config
 
     async def submit(

@@ -23,6 +23,7 @@ from flatmachines.validation import validate_flatmachine_config
 from . import timers
 from .app import LazyAgentRegistry
 from .errors import UserError
+from .routing import hook_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,29 +39,6 @@ class _AnyHooks(HooksRegistry):
 
     def resolve(self, ref: Any) -> MachineHooks:
         return MachineHooks()
-
-
-def hook_names(config: dict[str, Any]) -> frozenset[str]:
-    """Every hooks name a config refers to (lifecycle and per state)."""
-    data = config.get("data") or {}
-    refs: list[Any] = [data.get("lifecycle_hooks")]
-    for state in (data.get("states") or {}).values():
-        if isinstance(state, dict):
-            refs.append(state.get("hooks"))
-    names: set[str] = set()
-
-    def collect(ref: Any) -> None:
-        if isinstance(ref, str):
-            names.add(ref)
-        elif isinstance(ref, dict) and isinstance(ref.get("name"), str):
-            names.add(ref["name"])
-        elif isinstance(ref, list):
-            for r in ref:
-                collect(r)
-
-    for ref in refs:
-        collect(ref)
-    return frozenset(names)
 
 
 def _check_structure(config: Any, where: str) -> None:

@@ -69,16 +69,19 @@ class Execution(_Model):
     waiting_channel: str | None
     wake_at: Timestamp
     cancel_reason: str | None
+    needs: str = ""  # the hooks it needs, comma-separated (a worker claims it only with them)
     # with `get(id, detail=True)` / `orch show`
     children: list[Child] | None = None
     history: list[Checkpoint] | None = None
+    missing_hooks: list[str] | None = None  # queued, and no live worker of its queue has these
 
     @property
     def is_final(self) -> bool:
         return self.status in ("completed", "failed", "cancelled")
 
     def _unset_extras(self) -> set[str]:
-        return {name for name in ("children", "history") if getattr(self, name) is None}
+        extras = ("children", "history", "missing_hooks")
+        return {name for name in extras if getattr(self, name) is None}
 
     @classmethod
     def of(
@@ -87,8 +90,10 @@ class Execution(_Model):
         *,
         history: list[records.CheckpointRecord] | None = None,
         children: list[records.Execution] | None = None,
+        missing_hooks: list[str] | None = None,
     ) -> Execution:
         fields = {name: getattr(ex, name) for name in cls.model_fields if hasattr(ex, name)}
+        fields["missing_hooks"] = missing_hooks
         if history is not None:
             fields["history"] = [
                 Checkpoint(step=h.step, event=h.event, state=h.state, at=h.at, seq=h.seq)
@@ -140,6 +145,8 @@ class QueueStats(_Model):
     max_workers: int = 0
     per_worker: int = 0
     paused: bool = False
+    # hooks that queued executions need and no live worker of the queue has
+    waiting_for_hooks: list[str] = []
     scaling_events: list[ScalingEvent] = []
 
 

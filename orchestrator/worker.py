@@ -28,6 +28,7 @@ from flatmachines.agents import AgentAdapterRegistry
 
 import machines
 
+from .app import registered_names
 from .clock import renew_interval
 from .errors import StoreUnavailable
 from .runner import Outcome, Runner
@@ -130,6 +131,8 @@ class Worker:
         self.settings = settings or store.settings
         self.options = options
         self.id = new_worker_id()
+        # the hooks names it can run (routing: it claims nothing that needs others)
+        self.hooks = frozenset(registered_names(hooks_registry))
         self.runner = Runner(
             store,
             hooks_registry,
@@ -211,6 +214,7 @@ class Worker:
                     pid=os.getpid(),
                     queue_names=self.options.queues,
                     concurrency=self.options.concurrency,
+                    hooks=self.hooks,
                 )
                 break
             except StoreUnavailable:
@@ -266,7 +270,7 @@ class Worker:
                 and not self._drain_requested
                 and len(self._running) < self.options.concurrency
             ):
-                claim = await self.store.claim(self.id, queues)
+                claim = await self.store.claim(self.id, queues, hooks=self.hooks)
                 if claim is None:
                     break
                 claimed += 1

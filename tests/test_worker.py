@@ -217,14 +217,39 @@ def test_execution_runs_the_config_it_was_submitted_with(db_url, store, tmp_path
     assert get(store, ex_id).output["acc"] == 1
 
 
-def test_missing_hooks_fail_with_the_fix_named(db_url, store, tmp_path, workers):
-    machine = chain_machine(tmp_path / "m.yml", ["add"])
-    [ex_id] = submit(db_url, machine, [{}])
-    w = workers(db_url, "--burst")  # no --app
-    assert w.wait() == 0
-    ex = get(store, ex_id)
-    assert ex.status == "failed"
-    assert "effects" in ex.error and "--app" in ex.error
+def test_routing_a_worker_never_claims_what_it_cannot_run(
+    db_url, store, tmp_path, effects, workers
+):
+    """A hookless worker beside a capable one: everything completes on the capable
+    one. With the capable one gone, a new execution stays queued, and `orch show`
+    and `orch queues` name the hooks it waits for."""
+    import json
+
+    from .conftest import orch
+
+    machine = chain_machine(tmp_path / "m.yml", ["add", "add"])
+    ids = submit(db_url, machine, [{}] * 12)
+    hookless = workers(db_url, "--concurrency", "4", **worker_env(effects))  # no --app
+    capable = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert capable.wait() == 0
+    rows = [get(store, i) for i in ids]
+    assert {ex.status for ex in rows} == {"completed"}
+    assert {ex.output["by"] for ex in rows} == {capable.pid}
+    assert {ex.attempt for ex in rows} == {1}
+
+    [late] = submit(db_url, machine, [{}])
+    hookless.signal(signal.SIGTERM)  # it never claimed it, and leaves it be
+    assert hookless.wait() == 0
+    assert "claimed" not in hookless.log()
+    again = workers(db_url, "--burst")  # still no hooks: it claims nothing, and exits
+    assert again.wait() == 0
+    ex = get(store, late)
+    assert ex.status == "queued" and ex.attempt == 1 and ex.needs == "effects"
+    shown = json.loads(orch("show", late, "--json", db_url=db_url).stdout)
+    assert shown["missing_hooks"] == ["effects"]
+    assert "--app" in orch("show", late, db_url=db_url).stdout
+    [queue] = json.loads(orch("queues", "--json", db_url=db_url).stdout)
+    assert queue["waiting_for_hooks"] == ["effects"]
 
 
 def test_blocking_hook_longer_than_ttl_keeps_its_lease(db_url, store, tmp_path, effects, workers):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
+import yaml
 
 from ..clock import utcnow
+from ..routing import needs_of
 from .db import Database
 from .models import configs, executions
 
@@ -13,10 +15,22 @@ class Configs:
     def __init__(self, db: Database):
         self.db = db
 
-    async def put_config(self, config_hash: str, machine_name: str, raw: str) -> str:
+    async def put_config(
+        self, config_hash: str, machine_name: str, raw: str, needs: str | None = None
+    ) -> str:
+        """Keep a config by its hash, with what it needs (its hook names; parsed
+        from ``raw`` unless given)."""
+        if needs is None:
+            needs = needs_of(yaml.safe_load(raw) or {})
         stmt = (
             self.db.insert(configs)
-            .values(hash=config_hash, machine_name=machine_name, raw=raw, created_at=utcnow())
+            .values(
+                hash=config_hash,
+                machine_name=machine_name,
+                raw=raw,
+                needs=needs,
+                created_at=utcnow(),
+            )
             .on_conflict_do_nothing(index_elements=["hash"])
         )
 

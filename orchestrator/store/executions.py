@@ -8,6 +8,7 @@ runnable row, fence += 1), ``renew_leases``, and ``finish`` / ``release`` /
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,10 +17,11 @@ import sqlalchemy as sa
 
 from ..clock import lease_deadline, utcnow
 from ..errors import ExecutionNotFound, LeaseLost, UserError
+from ..routing import runnable
 from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
 from .db import Database
 from .groups import cancel_descendants, ended, settle_group
-from .models import FINAL_STATUSES, executions, queues, workers
+from .models import FINAL_STATUSES, configs, executions, queues, workers
 from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
 from .signals import end_wait, give_back, take_next
 
@@ -65,6 +67,27 @@ _RUNNABLE_QUEUED = (
     .limit(1)
     .with_for_update(skip_locked=True)
 )
+# the same, for a worker that runs only some needs (routing.py)
+_NEEDS = sa.bindparam("b_needs", expanding=True)
+_RUNNABLE_EXPIRED_NEEDS = _RUNNABLE_EXPIRED.where(executions.c.needs.in_(_NEEDS))
+_RUNNABLE_QUEUED_NEEDS = (
+    sa.select(
+        executions.c.id,
+        executions.c.recoveries,
+        executions.c.priority,
+        executions.c.created_at,
+    )
+    .where(
+        executions.c.queue.in_(_QUEUES),
+        executions.c.needs == sa.bindparam("b_need"),
+        executions.c.status == "queued",
+        sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= sa.bindparam("b_now")),
+    )
+    .order_by(executions.c.priority.desc(), executions.c.created_at)
+    .limit(1)
+    .with_for_update(skip_locked=True)
+)
+
 # timers and deadlines that came due: runnable again, for this very claim
 _WAKE_DUE = (
     sa.update(executions)
@@ -132,6 +155,7 @@ def insert_new(
                 root_id=n.root_id,
                 parent_group=n.parent_group,
                 group_mode=n.group_mode,
+                needs=config_needs(n.config_hash) if n.needs is None else n.needs,
                 fence=0,
                 step=0,
                 created_at=now,
@@ -146,6 +170,11 @@ def insert_new(
     if row is not None:
         return Execution.from_row(row), True
     return get_in(conn, n.id), False
+
+
+def config_needs(config_hash: str) -> Any:
+    """What the execution of this config needs, read from the config, in the insert."""
+    return sa.select(configs.c.needs).where(configs.c.hash == config_hash).scalar_subquery()
 
 
 def get_in(conn: sa.Connection, execution_id: str) -> Execution:
@@ -180,6 +209,29 @@ def requeue_held_by(conn: sa.Connection, worker_ids: Sequence[str], now: Any) ->
 class Executions:
     def __init__(self, db: Database):
         self.db = db
+        # the needs (routing.py) of the configs in the store, as last read
+        self._needs: list[str] = []
+        self._needs_seen = 0.0
+
+    def _capable(self, conn: sa.Connection, have: frozenset[str]) -> list[str]:
+        """The needs in the store that a worker with ``have`` can run (the list
+        of needs is read again once a second, or when a claim found nothing)."""
+        if time.monotonic() - self._needs_seen > 1.0:
+            self._needs = list(conn.scalars(sa.select(configs.c.needs).distinct()))
+            self._needs_seen = time.monotonic()
+        return runnable(self._needs, have)
+
+    @staticmethod
+    def _best_queued(conn: sa.Connection, params: dict[str, Any]) -> Any:
+        """The best due queued row among the needs in ``params``: one index probe each."""
+        best = None
+        for needs in params["b_needs"]:
+            row = conn.execute(_RUNNABLE_QUEUED_NEEDS, {**params, "b_need": needs}).first()
+            if row is not None and (
+                best is None or (-row.priority, row.created_at) < (-best.priority, best.created_at)
+            ):
+                best = row
+        return best
 
     async def submit(self, new: Sequence[NewExecution]) -> list[tuple[Execution, bool]]:
         """Insert executions; an id that exists already returns the existing row.
@@ -262,6 +314,22 @@ class Executions:
 
         return await self.db.read(tx)
 
+    async def queued_needs(self) -> dict[str, list[str]]:
+        """Per queue, the needs (routing.py) of its queued executions."""
+
+        def tx(conn: sa.Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            stmt = (
+                sa.select(executions.c.queue, executions.c.needs)
+                .where(executions.c.status == "queued")
+                .distinct()
+            )
+            for queue, needs in conn.execute(stmt):
+                out.setdefault(queue, []).append(needs)
+            return out
+
+        return await self.db.read(tx)
+
     async def count_by_status(self) -> dict[str, int]:
         stmt = sa.select(executions.c.status, sa.func.count()).group_by(executions.c.status)
 
@@ -272,25 +340,46 @@ class Executions:
 
     # --------------------------------------------------------------- claim
 
-    async def claim(self, worker_id: str, queue_names: Sequence[str]) -> Claim | None:
+    async def claim(
+        self,
+        worker_id: str,
+        queue_names: Sequence[str],
+        hooks: Iterable[str] | None = None,
+    ) -> Claim | None:
         """Take the best runnable execution: an expired lease first, else the
-        highest-priority, oldest due queued row. One transaction; fence += 1."""
+        highest-priority, oldest due queued row. One transaction; fence += 1.
+
+        With ``hooks`` (the names a worker registered), only an execution that
+        needs no other hooks (routing.py): one index probe per need it can run."""
         ttl = self.db.settings.lease_ttl
         cap = self.db.settings.max_recoveries
 
         names = list(queue_names)
+        have = None if hooks is None else frozenset(hooks)
 
         def tx(conn: sa.Connection) -> Claim | None:
             now = utcnow()
-            params = {"b_queues": names, "b_now": now}
+            params: dict[str, Any] = {"b_queues": names, "b_now": now}
             conn.execute(_WAKE_DUE, params)
+            if have is not None:
+                params["b_needs"] = self._capable(conn, have)
+                if not params["b_needs"]:
+                    return None
             while True:
                 recovered = True
-                row = conn.execute(_RUNNABLE_EXPIRED, params).first()
+                if have is None:
+                    row = conn.execute(_RUNNABLE_EXPIRED, params).first()
+                else:
+                    row = conn.execute(_RUNNABLE_EXPIRED_NEEDS, params).first()
                 if row is None:
                     recovered = False
-                    row = conn.execute(_RUNNABLE_QUEUED, params).first()
+                    row = (
+                        conn.execute(_RUNNABLE_QUEUED, params).first()
+                        if have is None
+                        else self._best_queued(conn, params)
+                    )
                 if row is None:
+                    self._needs_seen = 0.0  # nothing to run: look for new needs next time
                     return None
                 if recovered and row.recoveries + 1 > cap:
                     # a poison execution: it has killed its worker too often
@@ -606,7 +695,15 @@ class Executions:
                     lease_until=None,
                     finished_at=None,
                     updated_at=now,
-                    **({"config_hash": config[0], "machine": config[1]} if config else {}),
+                    **(
+                        {
+                            "config_hash": config[0],
+                            "machine": config[1],
+                            "needs": config_needs(config[0]),
+                        }
+                        if config
+                        else {}
+                    ),
                 )
             )
             return get_in(conn, execution_id)

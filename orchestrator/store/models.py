@@ -42,6 +42,8 @@ configs = Table(
     Column("machine_name", String(200), nullable=False),
     Column("raw", Text, nullable=False),
     Column("created_at", DateTime, nullable=False),
+    # the hooks its machine names (routing.py): only a worker with them claims it
+    Column("needs", String(400), nullable=False, server_default=text("''")),
 )
 
 executions = Table(
@@ -84,6 +86,7 @@ executions = Table(
     Column("root_id", String(200)),
     Column("parent_group", String(400)),
     Column("group_mode", String(16)),
+    Column("needs", String(400), nullable=False, server_default=text("''")),
     # lease expiry scans
     Index("ix_executions_lease", "status", "lease_until"),
     Index("ix_executions_waiting", "status", "waiting_channel"),
@@ -99,6 +102,16 @@ executions = Table(
 Index(
     "ix_executions_claim",
     executions.c.queue,
+    executions.c.status,
+    executions.c.priority.desc(),
+    executions.c.created_at,
+)
+
+# the claim by need: the best runnable row of a queue that a worker can run
+Index(
+    "ix_executions_claim_needs",
+    executions.c.queue,
+    executions.c.needs,
     executions.c.status,
     executions.c.priority.desc(),
     executions.c.created_at,
@@ -141,6 +154,8 @@ workers = Table(
     Column("capabilities", JSON),
     Column("metadata", JSON),
     Column("current_task_id", String(200)),
+    # the hooks names this worker registered: it claims only what needs no more
+    Column("hooks", JSON),
     Index("ix_workers_status", "status"),
 )
 

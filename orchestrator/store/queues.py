@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from ..clock import utcnow
 from .db import Database
-from .executions import get_in
+from .executions import config_needs, get_in
 from .models import executions, queues, scaling_events, schedules, workers
 from .records import Execution
 
@@ -112,6 +112,7 @@ class Queues:
                         attempt=1,
                         max_attempts=1,
                         recoveries=0,
+                        needs=config_needs(sch["config_hash"]),
                         fence=0,
                         step=0,
                         created_at=now,

@@ -43,6 +43,7 @@ class Execution:
     root_id: str | None = None
     parent_group: str | None = None
     group_mode: str | None = None
+    needs: str = ""
 
     @classmethod
     def from_row(cls, row: Any) -> Execution:
@@ -71,6 +72,7 @@ class NewExecution:
     root_id: str | None = None
     parent_group: str | None = None  # the channel the parent waits on for its group
     group_mode: str | None = None  # settled | any
+    needs: str | None = None  # its hook names (routing.py); None: its config's
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class WorkerRecord:
     capabilities: list[str] | None = None
     metadata: dict[str, Any] | None = None
     current_task_id: str | None = None
+    hooks: list[str] | None = None  # the hooks names it registered (an `orch worker`)
 
     @classmethod
     def from_row(cls, row: Any) -> WorkerRecord:

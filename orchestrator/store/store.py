@@ -134,6 +134,7 @@ class Store:
     list_executions = _Verb("executions")
     count_by_status = _Verb("executions")
     finished_per_bucket = _Verb("executions")
+    queued_needs = _Verb("executions")
     claim = _Verb("executions")
     renew_leases = _Verb("executions")
     holds_fence = _Verb("executions")

@@ -50,6 +50,7 @@ class Workers:
         concurrency: int = 1,
         capabilities: list[str] | None = None,
         started_at: datetime | None = None,
+        hooks: Iterable[str] | None = None,
     ) -> WorkerRecord:
         """A fresh, active registration: a row with this id is replaced (status,
         times, counters, metadata and current task reset). So a registration
@@ -79,6 +80,7 @@ class Workers:
                 capabilities=_json(capabilities),
                 metadata=sa.null(),
                 current_task_id=None,
+                hooks=_json(sorted(hooks) if hooks is not None else None),
             )
             stmt = self.db.insert(workers).values(id=worker_id, **values)
             conn.execute(

@@ -1,0 +1,54 @@
+"""Routing by hooks: a worker claims only what it can run (pure functions).
+
+An execution *needs* the hooks its machine names (``lifecycle_hooks`` and
+each state's ``hooks``): a canonical string, kept with its config and on the
+execution row, so a claim can ask for the executions a worker can run through
+an index. A worker *can run* a need if it registered every name in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+def hook_names(config: dict[str, Any]) -> frozenset[str]:
+    """Every hooks name a config refers to (lifecycle and per state)."""
+    data = config.get("data") or {}
+    refs: list[Any] = [data.get("lifecycle_hooks")]
+    for state in (data.get("states") or {}).values():
+        if isinstance(state, dict):
+            refs.append(state.get("hooks"))
+    names: set[str] = set()
+
+    def collect(ref: Any) -> None:
+        if isinstance(ref, str):
+            names.add(ref)
+        elif isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            names.add(ref["name"])
+        elif isinstance(ref, list):
+            for r in ref:
+                collect(r)
+
+    for ref in refs:
+        collect(ref)
+    return frozenset(names)
+
+
+def needs_of(config: dict[str, Any]) -> str:
+    """The canonical need of a config: its hook names, sorted, comma-joined."""
+    return ",".join(sorted(hook_names(config)))
+
+
+def names_in(needs: str) -> frozenset[str]:
+    return frozenset(n for n in needs.split(",") if n)
+
+
+def can_run(needs: str, hooks: Iterable[str]) -> bool:
+    return names_in(needs) <= set(hooks)
+
+
+def runnable(needs_values: Iterable[str], hooks: Iterable[str]) -> list[str]:
+    """Which of these needs a worker with ``hooks`` can run."""
+    have = set(hooks)
+    return sorted(v for v in set(needs_values) if names_in(v) <= have)
