@@ -9,18 +9,26 @@ os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
 # imported, retrying for seconds where there is none; a worker uses its copy
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from .api import ExecutionFailed, Orchestrator, SyncOrchestrator
-from .client import WaitTimeout
-from .errors import OrchError, StoreUnavailable, UserError
-from .idempotency import idempotency_key
+_LAZY = {
+    "Orchestrator": ".api",
+    "SyncOrchestrator": ".api",
+    "ExecutionFailed": ".api",
+    "WaitTimeout": ".errors",
+    "OrchError": ".errors",
+    "StoreUnavailable": ".errors",
+    "UserError": ".errors",
+    "idempotency_key": ".idempotency",
+}
 
-__all__ = [
-    "Orchestrator",
-    "SyncOrchestrator",
-    "ExecutionFailed",
-    "WaitTimeout",
-    "OrchError",
-    "StoreUnavailable",
-    "UserError",
-    "idempotency_key",
-]
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    """Imported on first use: `orch --help` need not load the engine."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -23,24 +23,28 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
-from flatmachines import HooksRegistry
 
 from . import schemas
-from .app import load_agent_adapters, load_hooks_registry
-from .client import Client, WaitTimeout
-from .errors import OrchError, StoreUnavailable, UserError
-from .machine_config import MachineConfig, load_machine_file
+from .client import Client
+from .errors import OrchError, StoreUnavailable, UserError, WaitTimeout
 from .routing import names_in
 from .settings import Settings
 from .store import Store
 from .store.outage import Backoff
-from .worker import Worker, WorkerOptions
+
+# flatmachines and the worker load when a worker or a machine file is used,
+# not for `orch list`
+if TYPE_CHECKING:
+    from flatmachines import HooksRegistry
+
+    from .machine_config import MachineConfig
+    from .worker import Worker
 
 T = TypeVar("T")
-Machine = str | Path | dict[str, Any] | MachineConfig
+Machine = "str | Path | dict[str, Any] | MachineConfig"
 
 
 class ExecutionFailed(OrchError):
@@ -60,6 +64,8 @@ __all__ = ["Orchestrator", "SyncOrchestrator", "ExecutionFailed", "WaitTimeout"]
 
 def _config(machine: Machine) -> MachineConfig:
     """A machine file, a parsed config dict, or a loaded config, checked."""
+    from .machine_config import MachineConfig, load_machine_file
+
     if isinstance(machine, MachineConfig):
         return machine
     if isinstance(machine, dict):
@@ -399,11 +405,17 @@ class Orchestrator:
     # ------------------------------------------------------------ workers
 
     def _adapters(self, hooks: HooksRegistry | str | None, adapters: list[Any] | None) -> list[Any]:
+        from .app import load_agent_adapters
+
         if adapters is not None:
             return list(adapters)
         return load_agent_adapters(hooks) if isinstance(hooks, str) and hooks else []
 
     def _registry(self, hooks: HooksRegistry | str | None) -> HooksRegistry:
+        from flatmachines import HooksRegistry
+
+        from .app import load_hooks_registry
+
         if isinstance(hooks, HooksRegistry):
             return hooks
         if isinstance(hooks, str) and hooks:
@@ -427,6 +439,8 @@ class Orchestrator:
         claims and runs executions of ``queues`` with the given hooks, and on
         leaving drains as `orch worker` does on SIGTERM (running executions
         finish, or are released after ``drain_timeout`` to resume elsewhere)."""
+        from .worker import Worker, WorkerOptions
+
         registry = self._registry(hooks)
         if concurrency < 1:
             raise UserError("concurrency must be at least 1")
@@ -462,6 +476,8 @@ class Orchestrator:
     ) -> dict[str, Any]:
         """Run a worker in the foreground until SIGTERM/SIGINT drains it (or,
         with ``burst``, until nothing is left to claim): `orch worker`."""
+        from .worker import Worker, WorkerOptions
+
         options = WorkerOptions(
             queues=list(queues),
             concurrency=concurrency,
@@ -481,6 +497,7 @@ class Orchestrator:
     ) -> None:
         """Run the leader-elected scheduler and its local pool until SIGTERM/SIGINT:
         `orch scheduler`, and `orch up` with a queue ``policy`` (name, min, max)."""
+        from .app import load_hooks_registry
         from .pool import LocalPool
         from .scheduler import Scheduler
 

@@ -20,17 +20,35 @@ import signal as signals_module
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
-from .api import ExecutionFailed, Orchestrator
-from .client import WaitTimeout
-from .errors import StoreUnavailable, UserError
-from .machine_config import load_machine_file
-from .schemas import Execution, iso
-from .settings import Settings
+from .errors import StoreUnavailable, UserError, WaitTimeout
+
+# the engine (SQLAlchemy, flatmachines) loads in the commands that use it, so
+# `orch --help` answers at once
+if TYPE_CHECKING:
+    from .api import Orchestrator
+    from .schemas import Execution
+    from .settings import Settings
+
+
+def _orch(settings: Settings) -> Orchestrator:
+    from .api import Orchestrator
+
+    return Orchestrator(settings=settings)
+
+
+def load_machine_file(path: str) -> Any:
+    from .machine_config import load_machine_file as load
+
+    return load(path)
+
+
+def iso(value: Any) -> str | None:
+    return value.isoformat(timespec="milliseconds") + "Z" if value else None
+
 
 T = TypeVar("T")
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 124
@@ -43,6 +61,10 @@ def fail(message: str) -> None:
 
 
 def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    from .settings import Settings
+
     values = {k: v for k, v in {"database_url": ctx.obj.get("db"), **overrides}.items() if v}
     try:
         return Settings(**values)
@@ -65,7 +87,7 @@ async def open_waiting(settings: Settings) -> Orchestrator:
     """Open the store, waiting (with one message) for a database that is not up
     yet: a service started before its database runs once the database does.
     SIGTERM/SIGINT while waiting exits 0."""
-    orch = Orchestrator(settings=settings)
+    orch = _orch(settings)
     waited: list[str] = []
 
     def say(why: str) -> None:
@@ -223,7 +245,7 @@ def submit(
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
         config = load_machine_file(machine)
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             if batch:
                 ids = (
                     [f"{execution_id}-{n}" for n in range(1, len(inputs) + 1)]
@@ -318,18 +340,36 @@ async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, del
     show_default=True,
     help="On SIGTERM, seconds to let running executions finish before releasing them.",
 )
+@click.option(
+    "--processes",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes under this one (restarted when they die; SIGTERM drains all).",
+)
 @click.pass_context
-def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
+def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, processes):
     """Claim and run executions; SIGTERM/SIGINT drains."""
     from .app import load_agent_adapters, load_hooks_registry
 
+    if processes < 1:
+        fail(f"--processes {processes}: give 1 or more worker processes")
     settings = settings_from(ctx, lease_ttl=lease_ttl, app=app)
+    if processes > 1:
+        from .prefork import supervise
+
+        run(lambda: _check_app(settings.app))  # a bad --app: one line, before any child
+        args = [f"--queue={q}" for q in queues] + [f"--concurrency={concurrency}"]
+        args += [f"--drain-timeout={drain_timeout}", f"--lease-ttl={settings.lease_ttl}"]
+        args += [f"--app={settings.app}"] if settings.app else []
+        args += ["--burst"] if burst else []
+        sys.exit(supervise(args, processes, burst=burst, database_url=settings.database_url))
 
     async def body() -> None:
         registry = load_hooks_registry(settings.app)
         adapters = load_agent_adapters(settings.app)
         # a --burst worker is a batch job: no database, nothing to do (exit 2)
-        orch = await (Orchestrator(settings=settings).open() if burst else open_waiting(settings))
+        orch = await (_orch(settings).open() if burst else open_waiting(settings))
         try:
             await orch.serve_worker(
                 registry,
@@ -345,6 +385,12 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout):
     run(body)
 
 
+async def _check_app(app: str | None) -> None:
+    from .app import load_hooks_registry
+
+    load_hooks_registry(app)
+
+
 @cli.command(name="list")
 @click.option("--status", type=click.Choice(STATUSES))
 @click.option("--queue")
@@ -357,7 +403,7 @@ def list_(ctx, status, queue, limit, parent, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             rows = await orch.list(status=status, queue=queue, limit=limit, parent=parent)
         if as_json:
             emit_json([execution_json(ex) for ex in rows])
@@ -395,7 +441,7 @@ def show(ctx, execution_id, context_only, step, as_json):
         fail("--step goes with --context (the context at that step)")
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             if context_only:
                 emit_json(await orch.context(execution_id, step))
                 return
@@ -457,7 +503,7 @@ def result(ctx, execution_id, timeout):
     settings = settings_from(ctx)
 
     async def body() -> int:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             try:
                 ex = await orch.wait(execution_id, timeout)
             except WaitTimeout as exc:
@@ -469,6 +515,8 @@ def result(ctx, execution_id, timeout):
         if ex.status == "completed":
             click.echo(json.dumps(ex.output))
             return 0
+        from .api import ExecutionFailed
+
         click.echo(f"orch: {ExecutionFailed(ex)}", err=True)
         return EXIT_FAILED
 
@@ -484,7 +532,7 @@ def workers(ctx, include_stopped, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             rows = await orch.workers(include_stopped=include_stopped or as_json)
         if as_json:
             emit_json([w.as_json() for w in rows])
@@ -516,7 +564,7 @@ def queues(ctx, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             rows = [q.as_json() for q in await orch.queues()]
         if as_json:
             emit_json(rows)
@@ -559,7 +607,7 @@ def _change_execution(ctx, execution_id: str, as_json: bool, change, describe) -
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             ex = await change(orch, execution_id)
         if as_json:
             emit_json(execution_json(ex))
@@ -626,7 +674,7 @@ def fork(ctx, execution_id, from_step, new_id, context_patch, queue, machine, as
     async def body() -> None:
         patch = parse_input_object(context_patch, "--context-patch") if context_patch else None
         config = load_machine_file(machine) if machine else None
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             ex = await orch.fork(
                 execution_id,
                 from_step=from_step,
@@ -680,7 +728,7 @@ def signal_(ctx, channel, data_json, data_file, as_json):
         data = read_signal_data(data_json, data_file)
         if not channel.strip():
             raise UserError("a signal needs a channel name, such as 'approval/job-1'")
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             sent = await orch.signal(channel, data)
         if as_json:
             emit_json({"id": sent.id, "channel": sent.channel, "woken": sent.woken})
@@ -701,7 +749,7 @@ def signals(ctx, channel, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             docs = [r.as_json() for r in await orch.signals(channel)]
         if as_json:
             emit_json(docs)
@@ -729,7 +777,7 @@ def scale(ctx, queue, min_workers, max_workers, per_worker, create):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             await orch.scale(
                 queue,
                 min_workers=min_workers,
@@ -764,7 +812,7 @@ def schedule_add(ctx, name, machine, cron, input_json, queue):
         trigger(cron)
         data = parse_input_object(input_json, "--input") if input_json is not None else {}
         config = load_machine_file(machine)
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             first = await orch.add_schedule(name, config, cron=cron, input=data, queue=queue)
         click.echo(f"schedule '{name}' added; first run {iso(first)}")
 
@@ -779,7 +827,7 @@ def schedule_list(ctx, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             docs = [r.as_json() for r in await orch.schedules()]
         if as_json:
             emit_json(docs)
@@ -798,7 +846,7 @@ def schedule_remove(ctx, name):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings) as orch:
+        async with _orch(settings) as orch:
             await orch.remove_schedule(name)
         click.echo(f"schedule '{name}' removed")
 
@@ -924,7 +972,7 @@ def upgrade(ctx):
     settings = settings_from(ctx)
 
     async def body() -> None:
-        async with Orchestrator(settings=settings):  # opening brings the schema to head
+        async with _orch(settings):  # opening brings the schema to head
             pass
         click.echo(f"database at revision {head_revision()}")
 

@@ -9,17 +9,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import timers
 from .clock import utcnow
-from .errors import ExecutionNotFound, StoreUnavailable, UserError
-from .machine_config import MachineConfig, load_machine_file
+from .errors import ExecutionNotFound, StoreUnavailable, UserError, WaitTimeout
 from .settings import Settings
 from .store import CheckpointRecord, Execution, NewExecution, Store
 from .store.records import SignalRecord
+
+if TYPE_CHECKING:
+    from .machine_config import MachineConfig
+
+__all__ = ["Client", "Submitted", "SignalSent", "WaitTimeout"]
 
 SUBMIT_BATCH = 500
 
@@ -35,12 +39,6 @@ class SignalSent:
     id: int
     channel: str
     woken: list[str]  # the execution it was given to, if one was waiting
-
-
-class WaitTimeout(Exception):
-    def __init__(self, execution: Execution):
-        super().__init__(f"execution {execution.id} still {execution.status}")
-        self.execution = execution
 
 
 class Client:
@@ -64,6 +62,8 @@ class Client:
 
     async def pin(self, machine: str | Path | MachineConfig) -> MachineConfig:
         """Load, check and store a machine config by its content hash."""
+        from .machine_config import MachineConfig, load_machine_file
+
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
         await self.store.put_config(
             config.hash, config.name, config.raw, ",".join(sorted(config.hook_names))
@@ -277,6 +277,8 @@ class Client:
     async def _repin(
         self, machine: str | Path | MachineConfig, execution_id: str, state: str | None, at: Any
     ) -> tuple[str, str]:
+        from .machine_config import MachineConfig, load_machine_file
+
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
         states = ((yaml.safe_load(config.raw) or {}).get("data") or {}).get("states") or {}
         pseudo = at is not None and at.event in ("machine_start", "machine_end")
@@ -341,6 +343,8 @@ class Client:
         trigger(cron)  # validate before anything is written
         if not name or "@" in name:
             raise UserError("a schedule name must be non-empty and must not contain '@'")
+        from .machine_config import MachineConfig, load_machine_file
+
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
         await self.pin(config)
         first = next_fire(cron, utcnow())

@@ -43,3 +43,11 @@ class StoreUnavailable(OrchError):
     def __init__(self, message: str, *, uncertain: bool = False):
         super().__init__(message)
         self.uncertain = uncertain
+
+
+class WaitTimeout(OrchError):
+    """A wait for an execution gave up before it finished."""
+
+    def __init__(self, execution):
+        super().__init__(f"execution {execution.id} still {execution.status}")
+        self.execution = execution

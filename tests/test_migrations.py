@@ -67,3 +67,10 @@ def test_the_claim_reads_the_queue_in_index_order(store):
     finally:
         engine.dispose()
     assert "priority DESC" in ddl, ddl
+
+
+def test_the_head_the_code_needs_is_the_scripts_head():
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory.from_config(eng._alembic_config())
+    assert scripts.get_current_head() == eng.HEAD

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import URL
 
 POOL_SIZE = 8  # also the number of store threads per process
@@ -144,6 +144,8 @@ class PostgreSQL(Dialect):
         return "SET LOCAL synchronous_commit TO OFF"
 
     def insert(self, table: sa.Table) -> Any:
+        from sqlalchemy.dialects import postgresql  # only where PostgreSQL is used
+
         return postgresql.insert(table)
 
     def greatest(self, a: Any, b: Any) -> Any:

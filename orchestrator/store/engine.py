@@ -19,10 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
@@ -235,24 +231,28 @@ class Driver:
 # ---------------------------------------------------------------- migrations
 
 
-def _alembic_config() -> Config:
+# The schema revision this code needs. Alembic (and its migration scripts) is
+# loaded only to migrate, not on every open; a test holds this equal to the
+# scripts' head.
+HEAD = "0007"
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     return cfg
 
 
-_HEAD: str | None = None
-
-
 def head_revision() -> str:
-    global _HEAD
-    if _HEAD is None:
-        _HEAD = ScriptDirectory.from_config(_alembic_config()).get_current_head()
-    return _HEAD  # type: ignore[return-value]
+    return HEAD
 
 
 def current_revision(conn: sa.Connection) -> str | None:
-    return MigrationContext.configure(conn).get_current_revision()
+    if not sa.inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.scalar(sa.text("SELECT version_num FROM alembic_version"))
 
 
 def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> None:
@@ -267,6 +267,8 @@ def upgrade(url: URL, *, synchronous: str = "FULL", busy_ms: int = 10_000) -> No
                 # under the lock: another process may have just finished the upgrade
                 if current_revision(conn) == head_revision():
                     return
+                from alembic import command
+
                 cfg = _alembic_config()
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")

@@ -13,16 +13,12 @@ from __future__ import annotations
 import logging
 import random
 import sqlite3
+import sys
 import threading
 import time
 from typing import Literal
 
 from sqlalchemy import exc as sa_exc
-
-try:  # PostgreSQL is optional at import time; SQLite is always there
-    import psycopg
-except ImportError:  # pragma: no cover - psycopg is a dependency
-    psycopg = None  # type: ignore[assignment]
 
 from ..errors import StoreUnavailable
 
@@ -56,6 +52,11 @@ _SQLITE_UNAVAILABLE = (
 )
 
 
+def _psycopg():
+    """psycopg, if this process uses it already (a SQLite store never imports it)."""
+    return sys.modules.get("psycopg")
+
+
 def _driver_error(exc: BaseException) -> BaseException:
     return exc.orig if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None else exc
 
@@ -73,6 +74,7 @@ def classify(exc: BaseException) -> Kind | None:
         return "unavailable"
     orig = _driver_error(exc)
     msg = str(orig).lower()
+    psycopg = _psycopg()
     if psycopg is not None and isinstance(orig, psycopg.Error):
         state = getattr(orig, "sqlstate", None)
         if state:
@@ -99,7 +101,7 @@ def is_unavailable(exc: BaseException) -> bool:
 
 def is_read_only(exc: BaseException) -> bool:
     orig = _driver_error(exc)
-    if psycopg is not None and getattr(orig, "sqlstate", None) == _PG_READ_ONLY:
+    if getattr(orig, "sqlstate", None) == _PG_READ_ONLY:
         return True
     return "readonly database" in str(orig).lower()
 
