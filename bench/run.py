@@ -40,6 +40,7 @@ WORKLOADS = {
     "W3": "bench.w3_recovery",
     "W4": "bench.w4_backlog",
     "W5": "bench.w5_memory",
+    "W6": "bench.w6_io",
 }
 
 
