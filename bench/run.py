@@ -41,6 +41,7 @@ WORKLOADS = {
     "W4": "bench.w4_backlog",
     "W5": "bench.w5_memory",
     "W6": "bench.w6_io",
+    "W7": "bench.w7_latency",
 }
 
 

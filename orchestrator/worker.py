@@ -35,6 +35,7 @@ from .runner import Outcome, Runner
 from .settings import Settings
 from .store import Claim, Store
 from .store.outage import Backoff
+from .store.wake import WakeListener
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class Worker:
         self._hard_stop = False
         self._keeper: LeaseKeeper | None = None
         self._chores: set[asyncio.Task] = set()
+        self._listener: WakeListener | None = None
         # the store stopped answering: claims back off, and runs it interrupted
         # (or a claim whose reply was lost) are given back once it answers again
         self._backoff = Backoff(first=min(self.settings.poll_interval, 0.5), cap=5.0)
@@ -229,6 +231,9 @@ class Worker:
         self._keeper = LeaseKeeper(self)
         self._keeper.start()
         await self._take_over_dead_neighbours()
+        # woken the moment work is runnable (a submit, a signal), not at the next poll
+        self._listener = WakeListener(self.store.url, self.id, self._wake.set)
+        self._listener.start()
         self.registered.set()
         log.info(
             "worker %s serving %s with concurrency %d",
@@ -437,6 +442,9 @@ class Worker:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _stop_everything(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
         await self._release_all()
         if self._keeper is not None:
             self._keeper.stop()

@@ -7,6 +7,7 @@ Side effects are counted from the effects file the test hooks append to
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -300,3 +301,21 @@ def test_blocking_sync_hooks_of_one_worker_run_side_by_side(
         get(store, i).error for i in ids
     ]
     assert {get(store, i).attempt for i in ids} == {1}
+
+
+def test_an_idle_worker_is_woken_by_a_submit_not_by_its_poll(
+    db_url, store, tmp_path, effects, workers
+):
+    """With a 60 s poll, work submitted to an idle worker still starts: the submit
+    wakes it (PostgreSQL NOTIFY; a datagram on SQLite's host)."""
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    env = {**worker_env(effects), "ORCH_POLL_INTERVAL": "60"}
+    w = workers(db_url, "--app", "testapp", **env)
+    wait_until(lambda: run_async(store.list_workers()), what="the worker registered")
+    time.sleep(1.0)  # past its first claim: from here on only a wake-up or the poll
+    [ex_id] = submit(db_url, machine, [{}])
+    wait_until(
+        lambda: get(store, ex_id).status == "completed", 30, "the execution, before the poll"
+    )
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 0

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from ..settings import Settings
 from . import engine as eng
+from . import wake
 from .dialect import POOL_SIZE, Dialect, dialect_of
 
 T = TypeVar("T")
@@ -71,6 +72,17 @@ class Database:
     async def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on one of the store's threads."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+
+    async def wake(self) -> None:
+        """Work may be runnable now: wake idle workers (wake.py). Never fails a
+        caller whose own transaction committed."""
+        try:
+            if self.dialect.name == "sqlite":
+                wake.poke_sqlite(self.url)
+            else:
+                await self.run(wake.notify_postgres, write=True, patience=0)
+        except Exception:  # noqa: BLE001 - the workers' poll is the fallback
+            pass
 
     @staticmethod
     def cursor(conn: sa.Connection) -> Any:

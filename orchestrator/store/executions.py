@@ -244,7 +244,9 @@ class Executions:
             ensure_queues(conn, self.db, {n.queue for n in new}, now)
             return [insert_new(conn, self.db, n, now) for n in new]
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     # ------------------------------------------------------------- reading
 
@@ -515,6 +517,8 @@ class Executions:
                 settle_group(conn, self.db.dialect, group, claim.execution.group_mode, now)
 
         await self.db.write(tx)
+        if group is not None:
+            await self.db.wake()
 
     async def park(
         self,
@@ -584,7 +588,9 @@ class Executions:
             )
             return result.rowcount == 1
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def release_orphans(self, worker_id: str, running: Iterable[str]) -> list[str]:
         """Executions the store says this worker holds but it no longer runs go
@@ -604,7 +610,9 @@ class Executions:
                 stmt = stmt.where(executions.c.id.not_in(keep))
             return [r.id for r in conn.execute(stmt)]
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def retry_later(self, claim: Claim, *, error: str, delay: float) -> bool:
         """Back to the queue for the next attempt after ``delay`` seconds (fenced).
@@ -665,7 +673,9 @@ class Executions:
                 settle_group(conn, self.db.dialect, ex.parent_group, ex.group_mode, now)
             return ex
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def retry(self, execution_id: str, config: tuple[str, str] | None = None) -> Execution:
         """Queue a failed or cancelled execution again; it resumes from its last
@@ -708,7 +718,9 @@ class Executions:
             )
             return get_in(conn, execution_id)
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def requeue_expired(self) -> tuple[list[str], list[str]]:
         """Running executions whose lease expired go back to their queue
@@ -754,4 +766,6 @@ class Executions:
                     ended(conn, self.db.dialect, row._asdict(), now)
             return requeued, failed
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out

@@ -50,7 +50,9 @@ class Lineage:
             ensure_queues(conn, self.db, {c.queue for c in children}, now)
             return sum(insert_new(conn, self.db, c, now)[1] for c in children)
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def group_members(self, group: str) -> list[Execution]:
         stmt = (

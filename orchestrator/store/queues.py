@@ -128,7 +128,9 @@ class Queues:
                 fired.append((sch["name"], tick, get_in(conn, ex_id)))
             return fired
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     # ------------------------------------------------------------- scaling
 

@@ -142,7 +142,9 @@ class Signals:
             )
             return signal_id, deliver(conn, channel, now)
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     async def reserve_signal(
         self,

@@ -235,7 +235,9 @@ class Workers:
                 work.release_claims(conn, dead)
             return dead
 
-        return await self.db.write(tx)
+        out = await self.db.write(tx)
+        await self.db.wake()
+        return out
 
     # ---------------------------------------------------------- leadership
 
