@@ -62,7 +62,7 @@ class Config:
     w1_seed_workers: int = 2  # (d): worker processes, one job at a time each
     w1_flat_concurrency: int = 8  # (a): executions in flight on the one event loop
     w1_dbos_concurrency: int = 8  # (b): Queue worker_concurrency
-    w1_dbos_fast_polling: float = 0.05  # (b'): extra DBOS row with this polling; 0: off
+    w1_dbos_fast_polling: float = 0.01  # (b'): DBOS's queue at its best polling; 0: off
     w1_sweep: bool = False  # also run (c) and (d) in several arrangements
     # W2 checkpoint cost
     w2_n: int = 200

@@ -33,7 +33,9 @@ def run(
     schema: str | None,
     worker_concurrency: int,
     polling_interval: float | None,
+    direct: bool = False,
 ) -> dict[str, Any]:
+    """``direct``: DBOS.start_workflow, no queue (each workflow on a thread at once)."""
     config: DBOSConfig = {
         "name": "flatorch-bench",
         "system_database_url": system_database_url,
@@ -55,10 +57,16 @@ def run(
         if queue is None:
             queue = DBOS.register_queue("q", **queue_options)
         t0 = time.time()
-        handles = [queue.enqueue(counter3) for _ in range(n)]
+        if direct:
+            handles = [DBOS.start_workflow(counter3) for _ in range(n)]
+        else:
+            handles = [queue.enqueue(counter3) for _ in range(n)]
         results = [h.get_result() for h in handles]
         observed = time.time() - t0
-        statuses = DBOS.list_workflows(queue_name="q", load_input=False, load_output=False)
+        if direct:
+            statuses = DBOS.list_workflows(load_input=False, load_output=False)
+        else:
+            statuses = DBOS.list_workflows(queue_name="q", load_input=False, load_output=False)
         done = [s for s in statuses if s.status == "SUCCESS"]
         last = max((s.updated_at or 0) for s in done) / 1000 if done else time.time()
         return {
