@@ -38,6 +38,8 @@ from .store.outage import Backoff
 from .store.wake import WakeListener
 
 log = logging.getLogger(__name__)
+# the most executions one claim transaction takes
+CLAIM_BATCH = 64
 
 
 def process_alive(pid: int, since: datetime) -> bool:
@@ -270,16 +272,19 @@ class Worker:
             if self._orphans and not self._drain_requested:
                 await self._release_orphans()
             queues = [q for q in self.options.queues if q not in self.paused]
-            while (
-                queues
-                and not self._drain_requested
-                and len(self._running) < self.options.concurrency
-            ):
-                claim = await self.store.claim(self.id, queues, hooks=self.hooks)
-                if claim is None:
+            while queues and not self._drain_requested:
+                free = self.options.concurrency - len(self._running)
+                if free <= 0:
                     break
-                claimed += 1
-                self._start(claim)
+                # as many as there are free slots, in one transaction
+                claims = await self.store.claim_many(
+                    self.id, queues, hooks=self.hooks, limit=min(free, CLAIM_BATCH)
+                )
+                for claim in claims:
+                    claimed += 1
+                    self._start(claim)
+                if len(claims) < min(free, CLAIM_BATCH):
+                    break
         except StoreUnavailable as exc:
             # keep what runs and back off; a claim whose reply was lost is ours
             # in the store but not here, so it is given back once the store answers

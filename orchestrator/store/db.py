@@ -22,6 +22,7 @@ from ..settings import Settings
 from . import engine as eng
 from . import wake
 from .dialect import POOL_SIZE, Dialect, dialect_of
+from .group import GroupCommit
 
 T = TypeVar("T")
 
@@ -44,6 +45,10 @@ class Database:
         self.driver = eng.Driver(self.engine, patience=self.patience)
         self.progress_driver = eng.Driver(self.progress_engine, patience=self.patience)
         self._threads = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="store")
+        # the hot writes of this process's executions share commits (group.py)
+        parallel = self.dialect.group_parallel
+        self.group = GroupCommit(self.driver, self.call, parallel=parallel)
+        self.progress_group = GroupCommit(self.progress_driver, self.call, parallel=parallel)
 
     async def run(
         self,
@@ -65,9 +70,11 @@ class Database:
         return await self.run(fn, write=False)
 
     async def on_cursor(self, fn: Callable[[Any], T], *, durable: bool = True) -> T:
-        """``fn(cursor)`` in one write transaction on the driver's own cursor."""
-        driver = self.driver if durable else self.progress_driver
-        return await self.call(lambda: driver.run(fn, write=True))
+        """``fn(cursor)`` committed on the driver's own cursor, in a transaction
+        it may share with the other hot writes of this process (group.py).
+        ``fn`` must be safe to run again, and raise (not half-write) when it
+        refuses: the batch is then rolled back and run a write at a time."""
+        return await (self.group if durable else self.progress_group).run(fn)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on one of the store's threads."""

@@ -8,6 +8,9 @@ marker skips the disk flush, how two transactions serialise on one channel.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -20,6 +23,11 @@ POOL_SIZE = 8  # also the number of store threads per process
 _MIGRATION_LOCK = 0x0F1A7_0C4  # PostgreSQL advisory lock key serialising upgrades
 
 
+# one lock per SQLite file, shared by every engine of this process (see writer)
+_WRITERS: dict[str, threading.RLock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
 def _pool(pooled: bool) -> dict[str, Any]:
     return {"pool_size": POOL_SIZE, "max_overflow": 0} if pooled else {"poolclass": sa.NullPool}
 
@@ -28,6 +36,8 @@ class Dialect:
     name: str
     # a JSON value handed to the driver as text, in a raw statement
     json_param: str = "?"
+    # group commits in flight at once per process (store/group.py)
+    group_parallel: int = 1
 
     def create_engine(self, url: URL, *, synchronous: str, busy_ms: int, pooled: bool) -> sa.Engine:
         raise NotImplementedError
@@ -46,6 +56,10 @@ class Dialect:
     def begin_sql(self, write: bool) -> str | None:
         """What opens a transaction on a raw cursor (None: the driver opens it)."""
         return None
+
+    def writer(self, url: URL) -> contextlib.AbstractContextManager:
+        """Held around a write transaction of this process (see SQLite)."""
+        return contextlib.nullcontext()
 
     def insert(self, table: sa.Table) -> Any:
         """An INSERT that takes ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
@@ -107,6 +121,18 @@ class SQLite(Dialect):
     def begin_sql(self, write: bool) -> str:
         return "BEGIN IMMEDIATE" if write else "BEGIN"
 
+    def writer(self, url: URL) -> contextlib.AbstractContextManager:
+        """SQLite takes one writer at a time. The threads of one process queue
+        for it on a lock of their own, woken the moment it is free; left to
+        SQLite, each would poll the file lock in sleeps of up to 100 ms. Other
+        processes still meet at the file lock (the busy timeout)."""
+        key = os.path.realpath(url.database or "")
+        with _WRITERS_LOCK:
+            lock = _WRITERS.get(key)
+            if lock is None:
+                lock = _WRITERS[key] = threading.RLock()
+        return lock
+
     def insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
 
@@ -120,6 +146,8 @@ class SQLite(Dialect):
 
 class PostgreSQL(Dialect):
     name = "postgresql"
+    # one writer's round trips overlap another's; SQLite takes one writer at a time
+    group_parallel = 4
     json_param = "CAST(? AS json)"
 
     def create_engine(self, url: URL, *, synchronous: str, busy_ms: int, pooled: bool) -> sa.Engine:

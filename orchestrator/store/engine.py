@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,8 +151,10 @@ def run_transaction(
     ``fn`` must be safe to run again from the start: it sees a fresh transaction.
     """
 
+    writer = dialect_of(engine.url).writer(engine.url) if write else contextlib.nullcontext()
+
     def once(attempt: _Attempt) -> T:
-        with engine.connect() as conn:
+        with writer, engine.connect() as conn:
             if write:
                 conn = conn.execution_options(orch_write=True)
             trans = conn.begin()
@@ -176,6 +178,16 @@ def run_transaction(
     return _retrying(once, where=masked(engine.url), write=write, patience=patience)
 
 
+class BatchItemFailed(Exception):
+    """One write of a batch raised an error of its own (not the store's): the
+    batch was rolled back."""
+
+    def __init__(self, index: int, error: Exception):
+        super().__init__(f"write {index} of a batch: {error!r}")
+        self.index = index
+        self.error = error
+
+
 class Driver:
     """The few hot statements, on the driver's own cursor.
 
@@ -191,6 +203,7 @@ class Driver:
         self.patience = patience
         self.dialect = dialect_of(engine.url)
         self._where = masked(engine.url)
+        self._writer = self.dialect.writer(engine.url)
 
     def sql(self, text: str) -> str:
         return self.dialect.sql(text)
@@ -200,32 +213,56 @@ class Driver:
 
     def run(self, fn: Callable[[Any], T], *, write: bool) -> T:
         """``fn(cursor)`` in one transaction, with run_transaction's retries."""
+        writer = self._writer if write else contextlib.nullcontext()
 
         def once(attempt: _Attempt) -> T:
-            raw = self.engine.raw_connection()
-            try:
-                cur = raw.cursor()
-                try:
-                    begin = self.dialect.begin_sql(write)
-                    if begin:
-                        cur.execute(begin)
-                    result = fn(cur)
-                    attempt.committing = True
-                    raw.commit()
-                    return result
-                except BaseException as exc:
-                    with contextlib.suppress(Exception):
-                        raw.rollback()
-                    if outage.classify(exc) == "unavailable":
-                        raw.invalidate()  # the pool must not hand it out again
-                    raise
-                finally:
-                    with contextlib.suppress(Exception):
-                        cur.close()
-            finally:
-                raw.close()
+            with writer:
+                return self._once(fn, write, attempt)
 
         return _retrying(once, where=self._where, write=write, patience=self.patience)
+
+    def _once(self, fn: Callable[[Any], T], write: bool, attempt: _Attempt) -> T:
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            try:
+                begin = self.dialect.begin_sql(write)
+                if begin:
+                    cur.execute(begin)
+                result = fn(cur)
+                attempt.committing = True
+                raw.commit()
+                return result
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    raw.rollback()
+                if outage.classify(exc) == "unavailable":
+                    raw.invalidate()  # the pool must not hand it out again
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    cur.close()
+        finally:
+            raw.close()
+
+    def run_batch(self, fns: Sequence[Callable[[Any], Any]]) -> list[Any]:
+        """Each ``fn(cursor)`` in order, in one write transaction: one commit
+        for all (group.py). An error of the store retries the batch whole, as
+        ``run`` does; an error of one write rolls it back and raises
+        ``BatchItemFailed``."""
+
+        def batch(cur: Any) -> list[Any]:
+            out = []
+            for i, fn in enumerate(fns):
+                try:
+                    out.append(fn(cur))
+                except Exception as exc:
+                    if outage.classify(exc) is not None:
+                        raise
+                    raise BatchItemFailed(i, exc) from exc
+            return out
+
+        return self.run(batch, write=True)
 
 
 # ---------------------------------------------------------------- migrations

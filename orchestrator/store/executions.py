@@ -67,6 +67,8 @@ _RUNNABLE_QUEUED = (
     .limit(1)
     .with_for_update(skip_locked=True)
 )
+# the best ``b_limit`` of them, for a claim of several
+_RUNNABLE_QUEUED_MANY = _RUNNABLE_QUEUED.limit(sa.bindparam("b_limit"))
 # the same, for a worker that runs only some needs (routing.py)
 _NEEDS = sa.bindparam("b_needs", expanding=True)
 _RUNNABLE_EXPIRED_NEEDS = _RUNNABLE_EXPIRED.where(executions.c.needs.in_(_NEEDS))
@@ -353,33 +355,45 @@ class Executions:
 
         With ``hooks`` (the names a worker registered), only an execution that
         needs no other hooks (routing.py): one index probe per need it can run."""
+        claims = await self.claim_many(worker_id, queue_names, hooks, limit=1)
+        return claims[0] if claims else None
+
+    async def claim_many(
+        self,
+        worker_id: str,
+        queue_names: Sequence[str],
+        hooks: Iterable[str] | None = None,
+        *,
+        limit: int,
+    ) -> list[Claim]:
+        """Up to ``limit`` claims (a worker's free slots), best first, as
+        ``claim`` takes them one at a time, in one transaction: one commit."""
         ttl = self.db.settings.lease_ttl
         cap = self.db.settings.max_recoveries
 
         names = list(queue_names)
         have = None if hooks is None else frozenset(hooks)
 
-        def tx(conn: sa.Connection) -> Claim | None:
-            now = utcnow()
-            params: dict[str, Any] = {"b_queues": names, "b_now": now}
-            conn.execute(_WAKE_DUE, params)
-            if have is not None:
-                params["b_needs"] = self._capable(conn, have)
-                if not params["b_needs"]:
-                    return None
+        def take_one(
+            conn: sa.Connection, params: dict[str, Any], now: Any, seen: dict[str, Any]
+        ) -> Claim | None:
             while True:
                 recovered = True
-                if have is None:
-                    row = conn.execute(_RUNNABLE_EXPIRED, params).first()
-                else:
-                    row = conn.execute(_RUNNABLE_EXPIRED_NEEDS, params).first()
+                row = None
+                if seen["expired"]:  # within one transaction, none expire anew
+                    expired = _RUNNABLE_EXPIRED if have is None else _RUNNABLE_EXPIRED_NEEDS
+                    row = conn.execute(expired, params).first()
+                    seen["expired"] = row is not None
                 if row is None:
                     recovered = False
-                    row = (
-                        conn.execute(_RUNNABLE_QUEUED, params).first()
-                        if have is None
-                        else self._best_queued(conn, params)
-                    )
+                    if have is not None:
+                        row = self._best_queued(conn, params)
+                    else:
+                        if not seen["queued"]:  # the best of them at once, in order
+                            seen["queued"] = conn.execute(
+                                _RUNNABLE_QUEUED_MANY, {**params, "b_limit": seen["left"]}
+                            ).all()[::-1]
+                        row = seen["queued"].pop() if seen["queued"] else None
                 if row is None:
                     self._needs_seen = 0.0  # nothing to run: look for new needs next time
                     return None
@@ -417,6 +431,26 @@ class Executions:
                 ex = Execution.from_row(claimed)
                 return Claim(ex, worker_id, ex.fence, recovered)
 
+        def tx(conn: sa.Connection) -> list[Claim]:
+            now = utcnow()
+            params: dict[str, Any] = {"b_queues": names, "b_now": now}
+            conn.execute(_WAKE_DUE, params)
+            if have is not None:
+                params["b_needs"] = self._capable(conn, have)
+                if not params["b_needs"]:
+                    return []
+            out: list[Claim] = []
+            seen: dict[str, Any] = {"expired": True, "queued": [], "left": limit}
+            while len(out) < limit:
+                seen["left"] = limit - len(out)
+                claim = take_one(conn, params, now, seen)
+                if claim is None:
+                    break
+                out.append(claim)
+            return out
+
+        if limit < 1:
+            return []
         return await self.db.write(tx)
 
     async def renew_leases(
@@ -425,38 +459,79 @@ class Executions:
         """Extend every lease this worker still holds and heartbeat the worker.
 
         Returns (ids whose fence moved on, the worker's status in the store).
-        """
+
+        Deadlock-free beside the worker's own commits (group.py), which lock
+        their executions' rows and then the worker's row: the heartbeat goes
+        first, holding nothing else, and a lease row locked by a commit in
+        flight is skipped, not waited for. It is still held (its fence says so),
+        and is renewed a moment later, or at the next tick: its lease has two
+        ticks left."""
         ttl = self.db.settings.lease_ttl
 
-        def tx(conn: sa.Connection) -> tuple[set[str], str | None]:
+        def tx(conn: sa.Connection, ids: list[str], beat: bool) -> tuple[set[str], set[str], Any]:
             now = utcnow()
-            kept: set[str] = set()
-            if held:
-                result = conn.execute(
-                    sa.update(executions)
-                    .where(
-                        executions.c.worker_id == worker_id,
-                        executions.c.status == "running",
-                        executions.c.id.in_(list(held)),
+            status = None
+            if beat:
+                status = conn.scalar(
+                    sa.update(workers)
+                    .where(workers.c.id == worker_id)
+                    .values(
+                        last_heartbeat=now,
+                        running=len(held),
+                        # a worker the reaper gave up on is back (it was paused, say)
+                        status=sa.case(
+                            (workers.c.status == "lost", "active"), else_=workers.c.status
+                        ),
                     )
-                    .values(lease_until=lease_deadline(now, ttl))
-                    .returning(executions.c.id, executions.c.fence)
+                    .returning(workers.c.status)
                 )
-                kept = {r.id for r in result if held.get(r.id) == r.fence}
-            status = conn.scalar(
-                sa.update(workers)
-                .where(workers.c.id == worker_id)
-                .values(
-                    last_heartbeat=now,
-                    running=len(held),
-                    # a worker the reaper gave up on is back (it was paused, say)
-                    status=sa.case((workers.c.status == "lost", "active"), else_=workers.c.status),
+            if not ids:
+                return set(), set(), status
+            # only rows this worker runs: a row locked here is one a signal's
+            # delivery would pass over (signals.deliver)
+            free = (
+                sa.select(executions.c.id)
+                .where(
+                    executions.c.id.in_(ids),
+                    executions.c.worker_id == worker_id,
+                    executions.c.status == "running",
                 )
-                .returning(workers.c.status)
+                .with_for_update(skip_locked=True)
+                .scalar_subquery()
             )
-            return set(held) - kept, status
+            result = conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.worker_id == worker_id,
+                    executions.c.status == "running",
+                    executions.c.id.in_(free),
+                )
+                .values(lease_until=lease_deadline(now, ttl))
+                .returning(executions.c.id, executions.c.fence)
+            )
+            kept = {r.id for r in result if held.get(r.id) == r.fence}
+            busy: set[str] = set()
+            missing = [i for i in ids if i not in kept]
+            if missing:  # skipped while a commit held them, or gone: the fence tells
+                for r in conn.execute(
+                    sa.select(executions.c.id, executions.c.fence, executions.c.worker_id).where(
+                        executions.c.id.in_(missing), executions.c.status == "running"
+                    )
+                ):
+                    if r.worker_id == worker_id and held.get(r.id) == r.fence:
+                        busy.add(r.id)
+            return set(ids) - kept - busy, busy, status
 
-        return await self.db.write(tx)
+        ids = list(held)
+        lost, busy, status = await self.db.write(lambda conn: tx(conn, ids, True))
+        for _ in range(3):  # the commits that held them are over in a moment
+            if not busy:
+                break
+            await self.db.call(lambda: time.sleep(0.02))  # a real pause, clock frozen or not
+            ids = sorted(busy)
+            more_lost, busy, _ = await self.db.write(lambda conn, ids=ids: tx(conn, ids, False))
+            lost |= more_lost
+        return lost, status
 
     async def holds_fence(self, execution_id: str, fence: int) -> bool:
         def tx(conn: sa.Connection) -> bool:

@@ -43,7 +43,9 @@ def deliver(conn: sa.Connection, channel: str, now: datetime) -> list[str]:
         .where(executions.c.status == "waiting", executions.c.waiting_channel == channel)
         .order_by(executions.c.updated_at, executions.c.id)
         .limit(len(free))
-        .with_for_update(skip_locked=True)
+        # waits for a row another transaction holds, never passes it over: a
+        # waiter skipped here would keep waiting on a signal that stays free
+        .with_for_update()
     ).all()
     for signal_id, ex_id in zip(free, waiters, strict=False):
         conn.execute(sa.update(signals).where(signals.c.id == signal_id).values(assigned_to=ex_id))

@@ -136,6 +136,7 @@ class Store:
     finished_per_bucket = _Verb("executions")
     queued_needs = _Verb("executions")
     claim = _Verb("executions")
+    claim_many = _Verb("executions")
     renew_leases = _Verb("executions")
     holds_fence = _Verb("executions")
     finish = _Verb("executions")

@@ -1,0 +1,133 @@
+"""Group commit: the hot writes of one process's executions share a commit.
+
+A worker running many executions at once makes, for each of them, a small
+write at every durability point (a ``state_exit``, an outcome). Each used to
+be a transaction of its own: one commit, one disk flush (SQLite's write lock
+taken once per write, PostgreSQL's WAL flushed once per write). Here the writes
+that arrive while a commit is in flight wait for it to end, then go together in
+the next transaction: one commit for all of them.
+
+Durability is unchanged. A caller's ``run`` returns only once the transaction
+that holds its write has committed, so an execution never starts its next state
+before its own ``state_exit`` is durable, and a commit that fails fails every
+write in it (none advances). Each write is its own fenced statements, run in
+order in the shared transaction; one that raises (``LeaseLost``: its claim
+moved on) rolls the batch back, and the batch is then run again one write per
+transaction, so that only the write at fault sees its error.
+
+A batch or a few (the dialect's ``group_parallel``) are in flight per event
+loop and driver; the store's threads run them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from . import engine as eng
+
+T = TypeVar("T")
+
+# the most writes one transaction carries (the rest go in the next one)
+MAX_BATCH = 256
+
+
+class GroupCommit:
+    def __init__(
+        self,
+        driver: eng.Driver,
+        call: Callable[[Callable[[], Any]], Awaitable[Any]],
+        *,
+        max_batch: int = MAX_BATCH,
+        parallel: int = 1,
+    ):
+        self.driver = driver
+        self._call = call  # runs a function on one of the store's threads
+        self.max_batch = max_batch
+        # batches in flight at once: 1 where the database takes one writer at a
+        # time (SQLite); more where round trips can overlap (PostgreSQL)
+        self.parallel = parallel
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
+            weakref.WeakKeyDictionary()
+        )
+        # figures for bench/: transactions made and writes carried
+        self.commits = 0
+        self.writes = 0
+
+    async def run(self, fn: Callable[[Any], T]) -> T:
+        """``fn(cursor)`` committed, in a transaction it may share with others."""
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        future: asyncio.Future = loop.create_future()
+        queue.pending.append((fn, future))
+        if queue.flushers < self.parallel:
+            queue.flushers += 1
+            task = loop.create_task(self._flush(queue))
+            queue.tasks.add(task)
+            task.add_done_callback(queue.tasks.discard)
+        return await future
+
+    async def _flush(self, queue: _Queue) -> None:
+        batch: list[tuple[Callable[[Any], Any], asyncio.Future]] = []
+        try:
+            while queue.pending:
+                batch = queue.pending[: self.max_batch]
+                del queue.pending[: self.max_batch]
+                fns = [fn for fn, _ in batch]
+                try:
+                    outcomes = await self._call(lambda fns=fns: self._commit(fns))
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - the store's error is each write's
+                    outcomes = [(False, exc)] * len(batch)
+                for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+                    if future.done():  # its caller was cancelled; the write stands or not alike
+                        continue
+                    if ok:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(value)
+                batch = []
+        except asyncio.CancelledError:
+            # the loop is going away: no caller is left to hear of these
+            for _, future in batch + queue.pending:
+                future.cancel()
+            queue.pending.clear()
+            raise
+        finally:
+            queue.flushers -= 1
+
+    def _commit(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
+        """On a store thread: every write in one transaction, or, when one of
+        them refuses, each in its own."""
+        try:
+            results = self.driver.run_batch(fns)
+        except eng.BatchItemFailed as failed:
+            if len(fns) == 1:
+                return [(False, failed.error)]
+            return [self._alone(fn) for fn in fns]
+        self.commits += 1
+        self.writes += len(fns)
+        return [(True, r) for r in results]
+
+    def _alone(self, fn: Callable[[Any], Any]) -> tuple[bool, Any]:
+        try:
+            result = self.driver.run(fn, write=True)
+        except Exception as exc:  # noqa: BLE001 - handed to its caller
+            return (False, exc)
+        self.commits += 1
+        self.writes += 1
+        return (True, result)
+
+
+class _Queue:
+    __slots__ = ("pending", "flushers", "tasks")
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[Any], Any], asyncio.Future]] = []
+        self.flushers = 0
+        self.tasks: set[asyncio.Task] = set()

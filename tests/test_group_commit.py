@@ -1,0 +1,244 @@
+"""Group commit (store/group.py): the hot writes of one process's executions
+share a transaction, and durability is unchanged.
+
+Each execution's next state starts only once the transaction holding its own
+``state_exit`` has committed; a commit that fails fails every write it carried,
+and none of their executions advances. Faults are injected at the DBAPI
+connection (tests/faults.py), on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+from flatmachines import HooksRegistry, MachineHooks
+
+from orchestrator.client import Client
+from orchestrator.errors import LeaseLost, StoreUnavailable
+from orchestrator.settings import Settings
+from orchestrator.store import CheckpointRow, Store
+from orchestrator.worker import Worker, WorkerOptions
+
+from .conftest import run_async, write_machine
+from .faults import StatementFaults
+
+N = 4
+
+
+@pytest.fixture
+def faults(monkeypatch) -> StatementFaults:
+    return StatementFaults().install(monkeypatch)
+
+
+def _machine(path):
+    step = {"hooks": "gc"}
+    return write_machine(
+        path,
+        {
+            "spec": "flatmachine",
+            "spec_version": "4.2.1",
+            "data": {
+                "name": "grouped",
+                "context": {"acc": 0},
+                "states": {
+                    "start": {"type": "initial", "transitions": [{"to": "s1"}]},
+                    "s1": {**step, "action": "together", "transitions": [{"to": "s2"}]},
+                    "s2": {**step, "action": "after", "transitions": [{"to": "done"}]},
+                    "done": {"type": "final", "output": {"acc": "context.acc"}},
+                },
+            },
+        },
+    )
+
+
+class GroupHooks(MachineHooks):
+    """s1: the executions wait for each other, so that their state_exits reach
+    the store together (and the first time, arm the fault: the next commit
+    fails). s2: asks the store, on a connection of its own, whether s1's
+    state_exit is durable; if not, its next state started too soon."""
+
+    runs: Counter = Counter()
+    violations: list[str] = []
+    engine: sa.Engine | None = None
+    faults: StatementFaults | None = None
+    arrived = 0
+    together: asyncio.Event | None = None
+    armed = False
+
+    async def on_action(self, state_name, action_name, context):
+        cls = type(self)
+        ex_id = context["machine"]["execution_id"]
+        cls.runs[(ex_id, state_name)] += 1
+        if action_name == "together":
+            if cls.together is None:
+                cls.together = asyncio.Event()
+            cls.arrived += 1
+            if cls.arrived == N:
+                if not cls.armed:  # the commit of these state_exits fails
+                    cls.armed = True
+                    cls.faults.arm([1], match="^COMMIT$")
+                cls.together.set()
+            await asyncio.wait_for(cls.together.wait(), 60)
+        else:
+            with cls.engine.connect() as conn:
+                durable = conn.scalar(
+                    sa.text(
+                        "SELECT count(*) FROM checkpoints WHERE execution_id = :e"
+                        " AND state = 's1' AND event = 'state_exit'"
+                    ),
+                    {"e": ex_id},
+                )
+            if not durable:
+                cls.violations.append(f"{ex_id} started s2 before s1's state_exit was durable")
+        context["acc"] = int(context.get("acc") or 0) + 1
+        return context
+
+
+def _engine(db_url: str) -> sa.Engine:
+    return sa.create_engine(sa.make_url(db_url), poolclass=sa.NullPool)
+
+
+def test_a_failed_group_commit_advances_none_of_its_executions(db_url, tmp_path, faults):
+    settings = Settings(database_url=db_url, lease_ttl=30, poll_interval=0.05, store_patience=0)
+    machine = _machine(tmp_path / "grouped.yml")
+    registry = HooksRegistry()
+    registry.register("gc", GroupHooks)
+    GroupHooks.runs, GroupHooks.violations = Counter(), []
+    GroupHooks.engine, GroupHooks.faults = _engine(db_url), faults
+    GroupHooks.arrived, GroupHooks.together, GroupHooks.armed = 0, None, False
+
+    async def run() -> tuple[int, int]:
+        async with await Client.open(settings) as client:
+            await client.submit_many(machine, [{} for _ in range(N)])
+        store = await Store.open(settings)
+        try:
+            options = WorkerOptions(concurrency=N, burst=True)
+            await asyncio.wait_for(Worker(store, registry, options, settings).run(), 120)
+            return store.db.group.commits, store.db.group.writes
+        finally:
+            await store.close()
+
+    try:
+        commits, writes = run_async(run())
+        faults.disarm()
+        assert [s for _, s in faults.failed] == ["COMMIT"]
+
+        store = run_async(Store.open(settings))
+        try:
+            rows = run_async(store.list_executions(limit=100))
+            histories = {ex.id: run_async(store.history(ex.id)) for ex in rows}
+        finally:
+            run_async(store.close())
+    finally:
+        GroupHooks.engine.dispose()
+
+    # every execution completed, once, with s1 and s2 committed once each
+    assert len(rows) == N
+    for ex in rows:
+        assert (ex.status, ex.attempt, ex.output) == ("completed", 1, {"acc": 2}), ex
+        exits = Counter(h.state for h in histories[ex.id] if h.event == "state_exit")
+        assert exits == Counter({"start": 1, "s1": 1, "s2": 1, "done": 1}), (ex.id, exits)
+    # no s2 ever began before its own s1 state_exit was durable ...
+    assert GroupHooks.violations == []
+    assert all(GroupHooks.runs[(ex.id, "s2")] == 1 for ex in rows)
+    # ... and the executions whose state_exit was in the failed commit did not
+    # advance: they ran s1 again after resuming from their last checkpoint
+    again = [ex.id for ex in rows if GroupHooks.runs[(ex.id, "s1")] > 1]
+    assert again, GroupHooks.runs
+    assert all(GroupHooks.runs[(ex.id, "s1")] <= 2 for ex in rows)
+    # the writes of several executions shared commits
+    assert writes > commits > 0, (writes, commits)
+
+
+def _claimed(store: Store, settings: Settings, path, n: int):
+    async def go():
+        async with await Client.open(settings) as client:
+            await client.submit_many(path, [{} for _ in range(n)])
+        claims = await store.claim_many("w-1", ["default"], limit=n)
+        assert len(claims) == n
+        return claims
+
+    return run_async(go())
+
+
+def _exit_row(claim) -> CheckpointRow:
+    ex_id = claim.execution.id
+    return CheckpointRow(ex_id, f"{ex_id}/step_1", 1, "state_exit", "s1", b'{"step": 1}')
+
+
+def _exits(store: Store, ex_id: str) -> int:
+    return sum(h.event == "state_exit" for h in run_async(store.history(ex_id)))
+
+
+@pytest.mark.parametrize("lost_reply", [False, True], ids=["not-committed", "committed"])
+def test_writes_that_share_a_commit_share_its_fate(db_url, tmp_path, faults, lost_reply):
+    """Concurrent saves go in one transaction (one COMMIT); when that commit
+    fails, every save in it raises (uncertain: the caller reads before it
+    assumes) and none returns as if it were durable."""
+    settings = Settings(database_url=db_url, store_patience=0)
+    store = run_async(Store.open(settings))
+    try:
+        claims = _claimed(store, settings, _machine(tmp_path / "m.yml"), N)
+
+        async def save_all():
+            return await asyncio.gather(
+                *(
+                    store.save_checkpoints(
+                        owner_id=c.execution.id, fence=c.fence, rows=[_exit_row(c)]
+                    )
+                    for c in claims
+                ),
+                return_exceptions=True,
+            )
+
+        before = store.db.group.commits
+        faults.arm([1], match="^COMMIT$", lost_reply=lost_reply)
+        results = run_async(save_all())
+        faults.disarm()
+        assert len(faults.failed) == 1
+        assert all(isinstance(r, StoreUnavailable) and r.uncertain for r in results), results
+        assert store.db.group.commits == before
+        # all of them or none of them: one transaction
+        assert {_exits(store, c.execution.id) for c in claims} == {1 if lost_reply else 0}
+
+        # and without a fault, the same saves share one commit
+        faults.arm([])
+        results = run_async(save_all())
+        faults.disarm()
+        assert results == [None] * N
+        assert faults.seen.count("COMMIT") < N
+    finally:
+        run_async(store.close())
+
+
+def test_a_write_refused_by_its_fence_fails_alone(db_url, tmp_path):
+    """A save whose claim moved on raises LeaseLost; the others in its batch
+    commit as if it had not been there."""
+    settings = Settings(database_url=db_url, store_patience=0)
+    store = run_async(Store.open(settings))
+    try:
+        claims = _claimed(store, settings, _machine(tmp_path / "m.yml"), N)
+        stale = claims[1]
+
+        async def save_all():
+            return await asyncio.gather(
+                *(
+                    store.save_checkpoints(
+                        owner_id=c.execution.id,
+                        fence=c.fence - 1 if c is stale else c.fence,
+                        rows=[_exit_row(c)],
+                    )
+                    for c in claims
+                ),
+                return_exceptions=True,
+            )
+
+        results = run_async(save_all())
+        assert isinstance(results[1], LeaseLost)
+        assert [r for i, r in enumerate(results) if i != 1] == [None] * (N - 1)
+        assert [_exits(store, c.execution.id) for c in claims] == [1, 0, 1, 1]
+    finally:
+        run_async(store.close())
