@@ -160,9 +160,12 @@ class PostgreSQL(Dialect):
             "keepalives_interval": 5,
             "keepalives_count": 3,
         }
+        # No pre-ping: it costs a round trip per transaction, a third of a
+        # checkpoint commit's. A connection that went stale (the server
+        # restarted) fails its first statement, which is never a commit's, and
+        # the store's retry drops the whole pool and reconnects (engine.py).
         return sa.create_engine(
             url.set(drivername="postgresql+psycopg"),
-            pool_pre_ping=True,
             pool_recycle=1800,
             connect_args=connect_args,
             **_pool(pooled),

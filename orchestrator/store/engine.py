@@ -160,9 +160,11 @@ def run_transaction(
             trans = conn.begin()
             try:
                 result = fn(conn)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(Exception):
                     trans.rollback()
+                if outage.classify(exc) == "unavailable":
+                    engine.dispose(close=False)  # every pooled connection is stale alike
                 raise
             attempt.committing = True
             try:
@@ -238,6 +240,9 @@ class Driver:
                     raw.rollback()
                 if outage.classify(exc) == "unavailable":
                     raw.invalidate()  # the pool must not hand it out again
+                    # nor any other connection made before the outage: they
+                    # are stale alike (a new pool; the old one's drop on return)
+                    self.engine.dispose(close=False)
                 raise
             finally:
                 with contextlib.suppress(Exception):

@@ -132,37 +132,42 @@ def ensure_queues(conn: sa.Connection, db: Database, names: Iterable[str], now: 
         )
 
 
+def _new_row(n: NewExecution, needs: Any, now: Any) -> dict[str, Any]:
+    return dict(
+        id=n.id,
+        machine=n.machine,
+        config_hash=n.config_hash,
+        queue=n.queue,
+        priority=n.priority,
+        status="queued",
+        input=n.input,
+        attempt=1,
+        max_attempts=n.max_attempts,
+        retry_backoff=n.retry_backoff,
+        retry_backoff_max=n.retry_backoff_max,
+        recoveries=0,
+        not_before=n.not_before,
+        parent_id=n.parent_id,
+        root_id=n.root_id,
+        parent_group=n.parent_group,
+        group_mode=n.group_mode,
+        needs=needs,
+        fence=0,
+        step=0,
+        created_at=now,
+        updated_at=now,
+    )
+
+
 def insert_new(
     conn: sa.Connection, db: Database, n: NewExecution, now: Any
 ) -> tuple[Execution, bool]:
     """Insert one execution, or find the one that has its id: (row, created)."""
+    needs = config_needs(n.config_hash) if n.needs is None else n.needs
     row = (
         conn.execute(
             db.insert(executions)
-            .values(
-                id=n.id,
-                machine=n.machine,
-                config_hash=n.config_hash,
-                queue=n.queue,
-                priority=n.priority,
-                status="queued",
-                input=n.input,
-                attempt=1,
-                max_attempts=n.max_attempts,
-                retry_backoff=n.retry_backoff,
-                retry_backoff_max=n.retry_backoff_max,
-                recoveries=0,
-                not_before=n.not_before,
-                parent_id=n.parent_id,
-                root_id=n.root_id,
-                parent_group=n.parent_group,
-                group_mode=n.group_mode,
-                needs=config_needs(n.config_hash) if n.needs is None else n.needs,
-                fence=0,
-                step=0,
-                created_at=now,
-                updated_at=now,
-            )
+            .values(**_new_row(n, needs, now))
             .on_conflict_do_nothing(index_elements=["id"])
             .returning(*executions.c)
         )
@@ -172,6 +177,38 @@ def insert_new(
     if row is not None:
         return Execution.from_row(row), True
     return get_in(conn, n.id), False
+
+
+def insert_many(
+    conn: sa.Connection, db: Database, new: Sequence[NewExecution], now: Any
+) -> list[tuple[Execution, bool]]:
+    """``insert_new`` for many, in a few statements: each config's needs read
+    once, the rows inserted in batches (an id that exists is left as it is)."""
+    hashes = {n.config_hash for n in new if n.needs is None}
+    needs: dict[str, Any] = {}
+    if hashes:
+        needs = dict(
+            conn.execute(
+                sa.select(configs.c.hash, configs.c.needs).where(configs.c.hash.in_(hashes))
+            ).all()
+        )
+    stmt = (
+        db.insert(executions).on_conflict_do_nothing(index_elements=["id"]).returning(*executions.c)
+    )
+    rows, seen = [], set()
+    for n in new:
+        if n.id not in seen:  # the same id twice: the second finds the first
+            seen.add(n.id)
+            rows.append(_new_row(n, needs.get(n.config_hash) if n.needs is None else n.needs, now))
+    created: dict[str, Execution] = {}
+    for i in range(0, len(rows), 500):
+        for row in conn.execute(stmt, rows[i : i + 500]).mappings():
+            created[row["id"]] = Execution.from_row(row)
+    out: list[tuple[Execution, bool]] = []
+    for n in new:
+        ex = created.pop(n.id, None)
+        out.append((ex, True) if ex is not None else (get_in(conn, n.id), False))
+    return out
 
 
 def config_needs(config_hash: str) -> Any:
@@ -244,7 +281,9 @@ class Executions:
         def tx(conn: sa.Connection) -> list[tuple[Execution, bool]]:
             now = utcnow()
             ensure_queues(conn, self.db, {n.queue for n in new}, now)
-            return [insert_new(conn, self.db, n, now) for n in new]
+            if len(new) == 1:
+                return [insert_new(conn, self.db, new[0], now)]
+            return insert_many(conn, self.db, new, now)
 
         out = await self.db.write(tx)
         await self.db.wake()
