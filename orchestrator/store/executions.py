@@ -477,6 +477,7 @@ class Executions:
             if have is not None:
                 params["b_needs"] = self._capable(conn, have)
                 if not params["b_needs"]:
+                    self._needs_seen = 0.0  # a config submitted next is seen at once
                     return []
             out: list[Claim] = []
             seen: dict[str, Any] = {"expired": True, "queued": [], "left": limit}
