@@ -46,9 +46,8 @@ class Database:
         self.progress_driver = eng.Driver(self.progress_engine, patience=self.patience)
         self._threads = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="store")
         # the hot writes of this process's executions share commits (group.py)
-        parallel = self.dialect.group_parallel
-        self.group = GroupCommit(self.driver, self.call, parallel=parallel)
-        self.progress_group = GroupCommit(self.progress_driver, self.call, parallel=parallel)
+        self.group = GroupCommit(self.driver, self.call)
+        self.progress_group = GroupCommit(self.progress_driver, self.call)
 
     async def run(
         self,

@@ -36,8 +36,6 @@ class Dialect:
     name: str
     # a JSON value handed to the driver as text, in a raw statement
     json_param: str = "?"
-    # group commits in flight at once per process (store/group.py)
-    group_parallel: int = 1
 
     def create_engine(self, url: URL, *, synchronous: str, busy_ms: int, pooled: bool) -> sa.Engine:
         raise NotImplementedError
@@ -146,8 +144,6 @@ class SQLite(Dialect):
 
 class PostgreSQL(Dialect):
     name = "postgresql"
-    # one writer's round trips overlap another's; SQLite takes one writer at a time
-    group_parallel = 4
     json_param = "CAST(? AS json)"
 
     def create_engine(self, url: URL, *, synchronous: str, busy_ms: int, pooled: bool) -> sa.Engine:

@@ -9,7 +9,6 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
 from orchestrator.errors import StoreUnavailable, UserError
@@ -17,6 +16,7 @@ from orchestrator.schemas import Execution
 
 from .. import format as fmt
 from ..widgets import Banner, Refillable
+from .live import LiveScreen
 from .prompts import ForkPrompt, JsonView
 
 
@@ -28,7 +28,7 @@ class Children(Refillable):
     COLUMNS = ("child", "machine", "status")
 
 
-class ExecutionScreen(Screen):
+class ExecutionScreen(LiveScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("c", "cancel", "Cancel"),
@@ -43,7 +43,6 @@ class ExecutionScreen(Screen):
         super().__init__()
         self.execution_id = execution_id
         self.execution: Execution | None = None
-        self._refreshing = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -63,20 +62,6 @@ class ExecutionScreen(Screen):
     def on_mount(self) -> None:
         self.set_interval(self.app.refresh_every, self.refresh_data)
         self.refresh_data()
-
-    def refresh_data(self) -> None:
-        # one refresh at a time: a slow one (the store away) is not cut short
-        # by the next tick, so it can say why it failed
-        if not self._refreshing:
-            self._refreshing = True
-            self._refresh()
-
-    @work(group="execution-refresh")
-    async def _refresh(self) -> None:
-        try:
-            await self._read()
-        finally:
-            self._refreshing = False
 
     async def _read(self) -> None:
         try:

@@ -6,7 +6,6 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import (
     DataTable,
     Footer,
@@ -22,10 +21,11 @@ from orchestrator.errors import StoreUnavailable
 
 from ..feed import Filters
 from ..widgets import Banner, ExecutionsTable, QueuesTable, WorkersTable
+from .live import LiveScreen
 from .prompts import Confirm, FilterPrompt, Help, ScalePrompt, SignalPrompt
 
 
-class MainScreen(Screen):
+class MainScreen(LiveScreen):
     BINDINGS = [
         Binding("1", "tab('overview')", "Overview"),
         Binding("2", "tab('executions')", "Executions"),
@@ -45,7 +45,6 @@ class MainScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.filters = Filters()
-        self._refreshing = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -73,20 +72,6 @@ class MainScreen(Screen):
         self.refresh_data()
 
     # ---------------------------------------------------------------- data
-
-    def refresh_data(self) -> None:
-        # one refresh at a time: a slow one (the store away) is not cut short
-        # by the next tick, so it can say why it failed
-        if not self._refreshing:
-            self._refreshing = True
-            self._refresh()
-
-    @work(group="main-refresh")
-    async def _refresh(self) -> None:
-        try:
-            await self._read()
-        finally:
-            self._refreshing = False
 
     async def _read(self) -> None:
         if self.app.feed is None:
