@@ -42,6 +42,7 @@ WORKLOADS = {
     "W5": "bench.w5_memory",
     "W6": "bench.w6_io",
     "W7": "bench.w7_latency",
+    "W8": "bench.w8_cli",
 }
 
 
