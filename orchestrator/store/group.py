@@ -42,12 +42,10 @@ class GroupCommit:
         call: Callable[[Callable[[], Any]], Awaitable[Any]],
         *,
         max_batch: int = MAX_BATCH,
-        parallel: int = 1,
     ):
         self.driver = driver
         self._call = call  # runs a function on one of the store's threads
         self.max_batch = max_batch
-        self.parallel = parallel  # batches in flight at once
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
         )
@@ -61,28 +59,28 @@ class GroupCommit:
         queue = self._queues.get(loop)
         if queue is None:
             queue = self._queues[loop] = _Queue()
-        if not queue.pending and queue.flushers < self.parallel:
+        if not queue.pending and not queue.busy:
             # nothing waits: this write commits at once, from this task (no
             # hop through a flush task); the writes that come meanwhile queue
             # behind it and go together in the next commit
-            queue.flushers += 1
+            queue.busy = True
             try:
                 ((ok, value),) = await self._call(lambda: self._commit([fn]))
             finally:
-                queue.flushers -= 1
-                if queue.pending and queue.flushers < self.parallel:
+                queue.busy = False
+                if queue.pending:
                     self._start_flush(loop, queue)
             if ok:
                 return value
             raise value
         future: asyncio.Future = loop.create_future()
         queue.pending.append((fn, future))
-        if queue.flushers < self.parallel:
+        if not queue.busy:
             self._start_flush(loop, queue)
         return await future
 
     def _start_flush(self, loop: asyncio.AbstractEventLoop, queue: _Queue) -> None:
-        queue.flushers += 1
+        queue.busy = True
         task = loop.create_task(self._flush(queue))
         queue.tasks.add(task)
         task.add_done_callback(queue.tasks.discard)
@@ -115,7 +113,7 @@ class GroupCommit:
             queue.pending.clear()
             raise
         finally:
-            queue.flushers -= 1
+            queue.busy = False
 
     def _commit(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
         """On a store thread: every write in one transaction, or, when one of
@@ -141,9 +139,9 @@ class GroupCommit:
 
 
 class _Queue:
-    __slots__ = ("pending", "flushers", "tasks")
+    __slots__ = ("pending", "busy", "tasks")
 
     def __init__(self) -> None:
         self.pending: list[tuple[Callable[[Any], Any], asyncio.Future]] = []
-        self.flushers = 0
+        self.busy = False  # a commit in flight: writes that come now wait for the next
         self.tasks: set[asyncio.Task] = set()

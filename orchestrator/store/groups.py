@@ -11,6 +11,7 @@ lock, so two siblings ending at once cannot both miss it.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -43,6 +44,28 @@ def ended(conn: sa.Connection, dialect: Dialect, row: dict, now: datetime) -> No
         settle_group(conn, dialect, row["parent_group"], row.get("group_mode"), now)
 
 
+def cancel_unfinished(conn: sa.Connection, where: Any, reason: str, now: datetime) -> list[str]:
+    """Cancel the unfinished executions ``where`` selects (fence += 1, so a
+    worker running one is refused at its next write); their ids."""
+    return [
+        r.id
+        for r in conn.execute(
+            sa.update(executions)
+            .where(where, executions.c.status.not_in(FINAL_STATUSES))
+            .values(
+                status="cancelled",
+                cancel_reason=reason,
+                fence=executions.c.fence + 1,
+                worker_id=None,
+                lease_until=None,
+                finished_at=now,
+                updated_at=now,
+            )
+            .returning(executions.c.id)
+        )
+    ]
+
+
 def cancel_descendants(
     conn: sa.Connection, parent_ids: list[str], reason: str, now: datetime
 ) -> list[str]:
@@ -51,25 +74,6 @@ def cancel_descendants(
     cancelled: list[str] = []
     frontier = list(parent_ids)
     while frontier:
-        frontier = [
-            r.id
-            for r in conn.execute(
-                sa.update(executions)
-                .where(
-                    executions.c.parent_id.in_(frontier),
-                    executions.c.status.not_in(FINAL_STATUSES),
-                )
-                .values(
-                    status="cancelled",
-                    cancel_reason=reason,
-                    fence=executions.c.fence + 1,
-                    worker_id=None,
-                    lease_until=None,
-                    finished_at=now,
-                    updated_at=now,
-                )
-                .returning(executions.c.id)
-            )
-        ]
+        frontier = cancel_unfinished(conn, executions.c.parent_id.in_(frontier), reason, now)
         cancelled += frontier
     return cancelled

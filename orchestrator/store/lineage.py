@@ -20,8 +20,8 @@ from ..clock import utcnow
 from ..errors import LeaseLost, UserError
 from .db import Database
 from .executions import ensure_queues, get_in, insert_new
-from .groups import cancel_descendants
-from .models import FINAL_STATUSES, checkpoints, executions
+from .groups import cancel_descendants, cancel_unfinished
+from .models import checkpoints, executions
 from .records import Claim, Execution, NewExecution
 from .signals import give_back
 
@@ -55,16 +55,7 @@ class Lineage:
         return out
 
     async def group_members(self, group: str) -> list[Execution]:
-        stmt = (
-            sa.select(executions)
-            .where(executions.c.parent_group == group)
-            .order_by(executions.c.created_at, executions.c.id)
-        )
-
-        def tx(conn: sa.Connection) -> list[Execution]:
-            return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
-
-        return await self.db.read(tx)
+        return await self._below(executions.c.parent_group == group)
 
     async def cancel_members(self, group: str, *, keep: str, reason: str) -> list[str]:
         """Cancel the unfinished members of ``group`` but ``keep`` (an ``any``
@@ -72,27 +63,12 @@ class Lineage:
 
         def tx(conn: sa.Connection) -> list[str]:
             now = utcnow()
-            stopped = [
-                r.id
-                for r in conn.execute(
-                    sa.update(executions)
-                    .where(
-                        executions.c.parent_group == group,
-                        executions.c.id != keep,
-                        executions.c.status.not_in(FINAL_STATUSES),
-                    )
-                    .values(
-                        status="cancelled",
-                        cancel_reason=reason,
-                        fence=executions.c.fence + 1,
-                        worker_id=None,
-                        lease_until=None,
-                        finished_at=now,
-                        updated_at=now,
-                    )
-                    .returning(executions.c.id)
-                )
-            ]
+            stopped = cancel_unfinished(
+                conn,
+                sa.and_(executions.c.parent_group == group, executions.c.id != keep),
+                reason,
+                now,
+            )
             stopped += cancel_descendants(conn, stopped, reason, now)
             for ex_id in stopped:
                 give_back(conn, self.db.dialect.lock_channel, ex_id, now)
@@ -101,11 +77,11 @@ class Lineage:
         return await self.db.write(tx)
 
     async def children(self, parent_id: str) -> list[Execution]:
-        stmt = (
-            sa.select(executions)
-            .where(executions.c.parent_id == parent_id)
-            .order_by(executions.c.created_at, executions.c.id)
-        )
+        return await self._below(executions.c.parent_id == parent_id)
+
+    async def _below(self, where: Any) -> list[Execution]:
+        """The executions ``where`` selects, oldest first."""
+        stmt = sa.select(executions).where(where).order_by(executions.c.created_at, executions.c.id)
 
         def tx(conn: sa.Connection) -> list[Execution]:
             return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
