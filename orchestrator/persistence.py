@@ -105,17 +105,25 @@ class FencedPersistence(PersistenceBackend):
                 raise ValueError(f"latest pointer names a missing snapshot: {target}")
             value, key = snapshot, target
         meta = json.loads(value)
-        event = str(meta.get("event") or "unknown")
         row = CheckpointRow(
             execution_id=execution_id,
             key=key,
             step=int(meta.get("step") or 0),
-            event=event,
+            event=str(meta.get("event") or "unknown"),
             state=meta.get("current_state"),
             snapshot=bytes(value),
             at=_taken_at(meta.get("created_at")),
         )
-        self._last_saved[execution_id] = key
+        await self.save_row(row)
+
+    async def save_row(self, row: CheckpointRow) -> None:
+        """``save`` of a snapshot whose metadata the caller has in hand (the
+        runner's machine), without parsing it back out of the JSON. The
+        library's ``latest`` pointer that follows it is then a no-op."""
+        if self.broken is not None:
+            raise self.broken
+        execution_id, event = row.execution_id, row.event
+        self._last_saved[execution_id] = row.key
         if execution_id == self.owner_id:
             self.resume_snapshot = None
         if event in PROGRESS_EVENTS or (

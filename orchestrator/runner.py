@@ -27,7 +27,8 @@ import logging
 import traceback
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, __version__
@@ -49,12 +50,34 @@ from .persistence import (
     StoreSignals,
 )
 from .retry import backoff_delay
-from .store import Claim, Store
+from .store import CheckpointRow, Claim, Store
 
 log = logging.getLogger(__name__)
 
 # A workflow is bounded by its own logic; this only stops a runaway loop.
 MAX_STEPS = 1_000_000
+
+# PinnedMachine._save_checkpoint writes the library's snapshot fields itself,
+# in this order; a library whose snapshot differs takes its own path.
+_SNAPSHOT_FIELDS = (
+    "execution_id",
+    "machine_name",
+    "spec_version",
+    "current_state",
+    "context",
+    "step",
+    "created_at",
+    "event",
+    "output",
+    "total_api_calls",
+    "total_cost",
+    "parent_execution_id",
+    "pending_launches",
+    "waiting_channel",
+    "tool_loop_state",
+    "config_hash",
+)
+_FAST_SNAPSHOTS = tuple(f.name for f in dataclasses.fields(MachineSnapshot)) == _SNAPSHOT_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +134,77 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         if "data" not in self.config:
             raise ValueError("Config missing 'data' section")
         self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+
+    async def _save_checkpoint(
+        self,
+        event: str,
+        state_name: str,
+        step: int,
+        context: dict[str, Any],
+        output: dict[str, Any] | None = None,
+        waiting_channel: str | None = None,
+        tool_loop_state: dict[str, Any] | None = None,
+    ) -> None:
+        """The library's checkpoint, built and encoded without its deep copy.
+
+        The library turns the snapshot into a dict with ``dataclasses.asdict``
+        (a deep copy of the context) and then encodes it, and the persistence
+        parses the bytes back for their metadata: about half of a fast
+        state's cost. Here the snapshot's fields are encoded as they are, in
+        the same order, to the same bytes, and handed over with their
+        metadata. A context that plain JSON cannot encode (a dataclass, a
+        set, ...) takes the library's own path, with its conversions.
+        """
+        persistence = self.persistence
+        if (
+            not _FAST_SNAPSHOTS
+            or event not in self.checkpoint_events
+            or self._config_hash is None
+            or not isinstance(persistence, FencedPersistence)
+        ):
+            return await super()._save_checkpoint(
+                event, state_name, step, context, output, waiting_channel, tool_loop_state
+            )
+        checkpoint_context = dict(context)
+        machine = checkpoint_context.get("machine")
+        if isinstance(machine, MappingProxyType):
+            checkpoint_context["machine"] = dict(machine)
+        taken = datetime.now(UTC)
+        fields = {
+            "execution_id": self.execution_id,
+            "machine_name": self.machine_name,
+            "spec_version": self.spec_version,
+            "current_state": state_name,
+            "context": checkpoint_context,
+            "step": step,
+            "created_at": taken.isoformat(),
+            "event": event,
+            "output": output,
+            "total_api_calls": self.total_api_calls,
+            "total_cost": self.total_cost,
+            "parent_execution_id": self.parent_execution_id,
+            "pending_launches": self._get_pending_intents() if self._pending_launches else None,
+            "waiting_channel": waiting_channel,
+            "tool_loop_state": tool_loop_state,
+            "config_hash": self._config_hash,
+        }
+        try:
+            encoded = json.dumps(fields).encode("utf-8")
+        except (TypeError, ValueError, OverflowError):
+            return await super()._save_checkpoint(
+                event, state_name, step, context, output, waiting_channel, tool_loop_state
+            )
+        await persistence.save_row(
+            CheckpointRow(
+                execution_id=self.execution_id,
+                key=f"{self.execution_id}/step_{step:06d}_{event}.json",
+                step=step,
+                event=event,
+                state=state_name,
+                snapshot=encoded,
+                at=taken.replace(tzinfo=None),
+            )
+        )
 
     async def _execute_state(self, state_name: str, context: dict[str, Any]) -> Any:
         self.running_state = state_name  # a wait's deadline is its state's `timeout`

@@ -315,3 +315,45 @@ def test_the_outcome_waits_for_a_marker_flush_in_flight(store, tmp_path):
     assert run_async(store.latest_checkpoint(ex_id))[0].endswith("machine_end.json")
     ex = run_async(store.get(ex_id))
     assert (ex.status, ex.current_state) == ("completed", "done")
+
+
+class OddContextHooks(CountingHooks):
+    """Puts values into the context that plain JSON cannot encode, at s2."""
+
+    def on_action(self, state_name, action_name, context):
+        context = super().on_action(state_name, action_name, context)
+        if state_name == "s2":
+            context["tags"] = {"only"}  # a set: the library stores its str()
+            context["nested"] = {"list": [1, 2.5, None, True], "text": 'é "quoted"'}
+        return context
+
+
+def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path):
+    # The runner's machine encodes snapshots itself (no asdict deep copy):
+    # every stored snapshot must decode to a MachineSnapshot whose library
+    # encoding is exactly the stored bytes, and one with a context that plain
+    # JSON refuses goes through the library's own lenient path.
+    from dataclasses import asdict
+
+    from flatmachines.persistence import CheckpointManager, MachineSnapshot
+
+    ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add", "add", "add"]))
+    claim = run_async(store.claim("w", ["default"]))
+    runs: dict = {}
+    outcome = run_async(Runner(store, registry_for(OddContextHooks(runs))).run(claim))
+    assert outcome.status == "completed" and outcome.output["acc"] == 3
+    history = run_async(store.history(ex_id))
+    assert len(history) == 17  # machine_start, 3 per state of 5, machine_end
+    library = CheckpointManager(MemoryBackend(), ex_id)
+    for entry in history:
+        stored = run_async(store.checkpoint_at(ex_id, seq=entry.seq)).snapshot
+        snapshot = MachineSnapshot(**json.loads(stored))
+        assert (snapshot.event, snapshot.step, snapshot.current_state) == (
+            entry.event,
+            entry.step,
+            entry.state,
+        )
+        assert library._safe_serialize(asdict(snapshot)).encode() == stored
+        if entry.step > 3 or (entry.step, entry.event) == (3, "state_exit"):  # s2 acted
+            assert snapshot.context["tags"] == "{'only'}"
+            assert snapshot.context["nested"]["text"] == 'é "quoted"'

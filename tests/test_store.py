@@ -186,3 +186,44 @@ def test_concurrent_claims_in_one_process_never_share_a_row(store):
     flat = [x for r in results for x in r]
     assert sorted(flat) == sorted(f"e{i}" for i in range(40))
     assert len(set(flat)) == 40
+
+
+def test_a_claim_of_several_by_hooks_takes_the_best_it_can_run(store):
+    # A worker with hooks claims through the needs it can run: with one need,
+    # the best rows are chosen and taken in one statement; with several, each
+    # need's best are merged. Either way: best first (priority, then age), no
+    # more than asked, and nothing that needs a hook the worker lacks.
+    async def configs():
+        await store.put_config("h-a", "a", "spec: flatmachine", needs="alpha")
+        await store.put_config("h-ab", "ab", "spec: flatmachine", needs="alpha,beta")
+        await store.put_config("h-c", "c", "spec: flatmachine", needs="gamma")
+
+    run_async(configs())
+
+    def job(id, config_hash, needs, priority=0):
+        return NewExecution(
+            id=id, machine=id, config_hash=config_hash, input={}, priority=priority, needs=needs
+        )
+
+    with freeze_time("2026-01-01 00:00:00", real_asyncio=True) as clock:
+        for item in [
+            job("a-old", "h-a", "alpha"),
+            job("c-top", "h-c", "gamma", priority=9),
+            job("ab-mid", "h-ab", "alpha,beta", priority=2),
+            job("a-new", "h-a", "alpha"),
+            job("a-top", "h-a", "alpha", priority=5),
+            job("ab-old", "h-ab", "alpha,beta"),
+        ]:
+            run_async(store.submit([item]))
+            clock.tick(1)
+
+        def claim(hooks, limit):
+            claims = run_async(store.claim_many("w", ["default"], hooks, limit=limit))
+            for c in claims:
+                assert c.fence == 1 and not c.recovered and c.execution.status == "running"
+            return [c.execution.id for c in claims]
+
+        assert claim(["alpha"], 2) == ["a-top", "a-old"]  # one need
+        assert claim(["alpha", "beta"], 3) == ["ab-mid", "a-new", "ab-old"]  # two, merged
+        assert claim(["alpha", "beta"], 3) == []
+    assert run_async(store.get("c-top")).status == "queued"  # nobody here runs gamma

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from ..clock import lease_deadline, utcnow
 from ..errors import ExecutionNotFound, LeaseLost, UserError
 from ..routing import runnable
-from .checkpoints import RAW_HELD, fenced_touch, insert_checkpoints
+from .checkpoints import RAW_HELD, fenced_insert
 from .db import Database
 from .groups import cancel_descendants, ended, settle_group
 from .models import FINAL_STATUSES, configs, executions, queues, workers
@@ -86,7 +86,7 @@ _RUNNABLE_QUEUED_NEEDS = (
         sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= sa.bindparam("b_now")),
     )
     .order_by(executions.c.priority.desc(), executions.c.created_at)
-    .limit(1)
+    .limit(sa.bindparam("b_limit"))
     .with_for_update(skip_locked=True)
 )
 
@@ -113,6 +113,46 @@ _TAKE = (
         started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
         updated_at=sa.bindparam("b_now"),
     )
+    .returning(*executions.c)
+)
+# the queued rows a claim of several took (locked by the select): one statement
+_TAKE_VALUES = dict(
+    status="running",
+    worker_id=sa.bindparam("b_worker"),
+    lease_until=sa.bindparam("b_lease_until"),
+    fence=executions.c.fence + 1,
+    not_before=None,
+    started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
+    updated_at=sa.bindparam("b_now"),
+)
+_TAKE_QUEUED = (
+    sa.update(executions)
+    .where(executions.c.id.in_(sa.bindparam("b_ids", expanding=True)))
+    .values(**_TAKE_VALUES)
+    .returning(*executions.c)
+)
+# a claim of several from one need (the common case): the best rows chosen and
+# taken in one statement (FOR UPDATE SKIP LOCKED inside, on PostgreSQL)
+_TAKE_BEST_OF_NEED = (
+    sa.update(executions)
+    .where(
+        executions.c.id.in_(
+            sa.select(executions.c.id)
+            .where(
+                executions.c.queue.in_(_QUEUES),
+                executions.c.needs == sa.bindparam("b_need"),
+                executions.c.status == "queued",
+                sa.or_(
+                    executions.c.not_before.is_(None),
+                    executions.c.not_before <= sa.bindparam("b_now"),
+                ),
+            )
+            .order_by(executions.c.priority.desc(), executions.c.created_at)
+            .limit(sa.bindparam("b_limit"))
+            .with_for_update(skip_locked=True)
+        )
+    )
+    .values(**_TAKE_VALUES)
     .returning(*executions.c)
 )
 
@@ -261,16 +301,17 @@ class Executions:
         return runnable(self._needs, have)
 
     @staticmethod
-    def _best_queued(conn: sa.Connection, params: dict[str, Any]) -> Any:
-        """The best due queued row among the needs in ``params``: one index probe each."""
-        best = None
+    def _best_queued(conn: sa.Connection, params: dict[str, Any], limit: int) -> list[Any]:
+        """The best ``limit`` due queued rows among the needs in ``params``, best
+        first: one index probe per need (each locks at most ``limit`` rows)."""
+        found: list[Any] = []
         for needs in params["b_needs"]:
-            row = conn.execute(_RUNNABLE_QUEUED_NEEDS, {**params, "b_need": needs}).first()
-            if row is not None and (
-                best is None or (-row.priority, row.created_at) < (-best.priority, best.created_at)
-            ):
-                best = row
-        return best
+            found += conn.execute(
+                _RUNNABLE_QUEUED_NEEDS, {**params, "b_need": needs, "b_limit": limit}
+            ).all()
+        if len(params["b_needs"]) > 1:
+            found.sort(key=lambda r: (-r.priority, r.created_at))
+        return found[:limit]
 
     async def submit(self, new: Sequence[NewExecution]) -> list[tuple[Execution, bool]]:
         """Insert executions; an id that exists already returns the existing row.
@@ -413,30 +454,11 @@ class Executions:
         names = list(queue_names)
         have = None if hooks is None else frozenset(hooks)
 
-        def take_one(
-            conn: sa.Connection, params: dict[str, Any], now: Any, seen: dict[str, Any]
-        ) -> Claim | None:
-            while True:
-                recovered = True
-                row = None
-                if seen["expired"]:  # within one transaction, none expire anew
-                    expired = _RUNNABLE_EXPIRED if have is None else _RUNNABLE_EXPIRED_NEEDS
-                    row = conn.execute(expired, params).first()
-                    seen["expired"] = row is not None
-                if row is None:
-                    recovered = False
-                    if have is not None:
-                        row = self._best_queued(conn, params)
-                    else:
-                        if not seen["queued"]:  # the best of them at once, in order
-                            seen["queued"] = conn.execute(
-                                _RUNNABLE_QUEUED_MANY, {**params, "b_limit": seen["left"]}
-                            ).all()[::-1]
-                        row = seen["queued"].pop() if seen["queued"] else None
-                if row is None:
-                    self._needs_seen = 0.0  # nothing to run: look for new needs next time
-                    return None
-                if recovered and row.recoveries + 1 > cap:
+        def take_expired(conn: sa.Connection, params: dict[str, Any], now: Any) -> Claim | None:
+            """An execution whose owner's lease ran out (a recovery), if any."""
+            expired = _RUNNABLE_EXPIRED if have is None else _RUNNABLE_EXPIRED_NEEDS
+            while (row := conn.execute(expired, params).first()) is not None:
+                if row.recoveries + 1 > cap:
                     # a poison execution: it has killed its worker too often
                     conn.execute(
                         sa.update(executions)
@@ -460,7 +482,7 @@ class Executions:
                             "b_id": row.id,
                             "b_worker": worker_id,
                             "b_lease_until": lease_deadline(now, ttl),
-                            "b_recovered": 1 if recovered else 0,
+                            "b_recovered": 1,
                             "b_now": now,
                         },
                     )
@@ -468,7 +490,52 @@ class Executions:
                     .one()
                 )
                 ex = Execution.from_row(claimed)
-                return Claim(ex, worker_id, ex.fence, recovered)
+                return Claim(ex, worker_id, ex.fence, True)
+            return None
+
+        def take_queued(
+            conn: sa.Connection, params: dict[str, Any], now: Any, left: int
+        ) -> list[Claim]:
+            """The best ``left`` queued executions, taken in one statement."""
+            if have is not None and len(params["b_needs"]) == 1:
+                taken = conn.execute(
+                    _TAKE_BEST_OF_NEED,
+                    {
+                        **params,
+                        "b_need": params["b_needs"][0],
+                        "b_limit": left,
+                        "b_worker": worker_id,
+                        "b_lease_until": lease_deadline(now, ttl),
+                    },
+                ).mappings()
+                best_first = sorted(
+                    (Execution.from_row(r) for r in taken),
+                    key=lambda ex: (-ex.priority, ex.created_at),
+                )
+                return [Claim(ex, worker_id, ex.fence, False) for ex in best_first]
+            if have is None:
+                rows = conn.execute(_RUNNABLE_QUEUED_MANY, {**params, "b_limit": left}).all()
+            else:
+                rows = self._best_queued(conn, params, left)
+            if not rows:
+                return []
+            taken = {
+                r["id"]: r
+                for r in conn.execute(
+                    _TAKE_QUEUED,
+                    {
+                        "b_ids": [r.id for r in rows],
+                        "b_worker": worker_id,
+                        "b_lease_until": lease_deadline(now, ttl),
+                        "b_now": now,
+                    },
+                ).mappings()
+            }
+            out = []
+            for r in rows:  # best first
+                ex = Execution.from_row(taken[r.id])
+                out.append(Claim(ex, worker_id, ex.fence, False))
+            return out
 
         def tx(conn: sa.Connection) -> list[Claim]:
             now = utcnow()
@@ -480,13 +547,14 @@ class Executions:
                     self._needs_seen = 0.0  # a config submitted next is seen at once
                     return []
             out: list[Claim] = []
-            seen: dict[str, Any] = {"expired": True, "queued": [], "left": limit}
-            while len(out) < limit:
-                seen["left"] = limit - len(out)
-                claim = take_one(conn, params, now, seen)
-                if claim is None:
-                    break
+            # recoveries first, one at a time (each is counted against its cap);
+            # within one transaction, none expire anew
+            while len(out) < limit and (claim := take_expired(conn, params, now)) is not None:
                 out.append(claim)
+            if len(out) < limit:
+                out += take_queued(conn, params, now, limit - len(out))
+            if len(out) < limit:
+                self._needs_seen = 0.0  # nothing more to run: look for new needs next time
             return out
 
         if limit < 1:
@@ -609,8 +677,7 @@ class Executions:
 
         def statements(cur: Any, now: Any) -> None:
             if checkpoints:  # while the row is still running: the fence, step and state
-                fenced_touch(cur, drv, ex_id, fence, checkpoints, now)
-                insert_checkpoints(cur, drv, checkpoints, fence, now)
+                fenced_insert(cur, drv, ex_id, fence, checkpoints, now)
             if wait is not None:
                 end_wait(cur, drv, ex_id, fence, wait.consumed, now)
             cur.execute(finish, (status, output_json, error, now, now, ex_id, fence))
@@ -658,8 +725,7 @@ class Executions:
             raw_now = drv.time(now)
             self.db.dialect.lock_channel(conn, channel)
             cur = self.db.cursor(conn)
-            fenced_touch(cur, drv, ex_id, fence, checkpoints, raw_now)
-            insert_checkpoints(cur, drv, checkpoints, fence, raw_now)
+            fenced_insert(cur, drv, ex_id, fence, checkpoints, raw_now)
             if wait is not None:
                 end_wait(cur, drv, ex_id, fence, wait.consumed, raw_now)
             before = conn.execute(
