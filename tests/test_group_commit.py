@@ -19,7 +19,7 @@ from flatmachines import HooksRegistry, MachineHooks
 from orchestrator.client import Client
 from orchestrator.errors import LeaseLost, StoreUnavailable
 from orchestrator.settings import Settings
-from orchestrator.store import CheckpointRow, Store
+from orchestrator.store import CheckpointRow, Claim, Store
 from orchestrator.worker import Worker, WorkerOptions
 
 from .conftest import run_async, write_machine
@@ -234,5 +234,77 @@ def test_a_write_refused_by_its_fence_fails_alone(db_url, tmp_path):
         assert isinstance(results[1], LeaseLost)
         assert [r for i, r in enumerate(results) if i != 1] == [None] * (N - 1)
         assert [_exits(store, c.execution.id) for c in claims] == [1, 0, 1, 1]
+    finally:
+        run_async(store.close())
+
+
+def test_completions_and_checkpoints_in_one_batch(db_url, tmp_path, faults):
+    """A batch that mixes completions (with their last checkpoints) and
+    checkpoint commits, one of them stale: on PostgreSQL it is one statement.
+    Each held write lands whole (rows, step and state, the outcome, the
+    worker's count); the stale one writes nothing and raises LeaseLost."""
+    settings = Settings(database_url=db_url, store_patience=0)
+    store = run_async(Store.open(settings))
+    try:
+        run_async(store.register_worker("w-1", host="h", pid=1, queue_names=["default"]))
+        claims = _claimed(store, settings, _machine(tmp_path / "m.yml"), 5)
+        first, done, stale_done, saving, done_bare = claims
+
+        def end_rows(c):
+            ex_id = c.execution.id
+            return [
+                CheckpointRow(ex_id, f"{ex_id}/step_2_exit", 2, "state_exit", "s2", b'{"s": 2}'),
+                CheckpointRow(ex_id, f"{ex_id}/step_2_end", 2, "machine_end", "end", b"{}"),
+            ]
+
+        async def all_at_once():
+            def save(c):
+                return store.save_checkpoints(
+                    owner_id=c.execution.id, fence=c.fence, rows=[_exit_row(c)]
+                )
+
+            def complete(c, fence, rows):
+                claim = Claim(c.execution, c.worker_id, fence, False)
+                return store.finish(
+                    claim, status="completed", output={"by": c.execution.id}, checkpoints=rows
+                )
+
+            return await asyncio.gather(
+                save(first),  # commits at once; the rest wait for it, then go together
+                complete(done, done.fence, end_rows(done)),
+                complete(stale_done, stale_done.fence - 1, end_rows(stale_done)),
+                save(saving),
+                complete(done_bare, done_bare.fence, []),
+                return_exceptions=True,
+            )
+
+        faults.arm()
+        results = run_async(all_at_once())
+        faults.disarm()
+        assert results[:2] == [None, None] and results[3:] == [None, None], results
+        assert isinstance(results[2], LeaseLost)
+        if store.db.dialect.name == "postgresql":
+            assert sum(s.startswith("WITH w(") for s in faults.seen) == 1, faults.seen
+
+        def row(c):
+            return run_async(store.get(c.execution.id))
+
+        for c in (done, done_bare):
+            ex = row(c)
+            assert ex.status == "completed" and ex.output == {"by": c.execution.id}
+            assert ex.lease_until is None and ex.finished_at is not None and ex.error is None
+        assert (row(done).step, row(done).current_state) == (2, "s2")
+        assert [h.event for h in run_async(store.history(done.execution.id))] == [
+            "state_exit",
+            "machine_end",
+        ]
+        ex = row(stale_done)
+        assert ex.status == "running" and ex.output is None and ex.finished_at is None
+        assert run_async(store.history(stale_done.execution.id)) == []
+        ex = row(saving)
+        assert ex.status == "running" and (ex.step, ex.current_state) == (1, "s1")
+        assert _exits(store, saving.execution.id) == 1
+        (worker,) = [w for w in run_async(store.list_workers()) if w.id == "w-1"]
+        assert worker.completed == 2
     finally:
         run_async(store.close())

@@ -18,8 +18,8 @@ import sqlalchemy as sa
 from ..clock import lease_deadline, utcnow
 from ..errors import ExecutionNotFound, LeaseLost, UserError
 from ..routing import runnable
-from .checkpoints import RAW_HELD, fenced_insert
 from .db import Database
+from .fenced import RAW_HELD, FencedWrite, fenced_insert
 from .groups import cancel_descendants, ended, settle_group
 from .models import FINAL_STATUSES, configs, executions, queues, workers
 from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
@@ -686,7 +686,20 @@ class Executions:
             cur.execute(count, (claim.worker_id,))
 
         group = claim.execution.parent_group
-        if status == "completed" and group is None:  # the hot path: on the driver's cursor
+        if status == "completed" and group is None and wait is None:
+            # the hot path: data for group commit, which may merge it with others
+            write = FencedWrite(
+                drv,
+                ex_id,
+                fence,
+                checkpoints,
+                completes=True,
+                output=output_json,
+                worker_id=claim.worker_id,
+            )
+            await self.db.on_cursor(write)
+            return
+        if status == "completed" and group is None:  # on the driver's cursor
             await self.db.on_cursor(lambda cur: statements(cur, drv.time(utcnow())))
             return
 

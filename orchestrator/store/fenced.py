@@ -1,0 +1,273 @@
+"""The hot path of a checkpoint commit, on the driver's own cursor: the
+owner's fence check (which moves its step and state) and the snapshot rows.
+
+Alone, a commit is a couple of fixed statements (one on PostgreSQL). A batch
+of them from group commit (group.py) is one statement on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..clock import utcnow
+from ..errors import LeaseLost
+from . import engine as eng
+from .outage import classify
+from .records import CheckpointRow
+
+# The hot path on the driver's cursor (engine.Driver): a checkpoint commit, and
+# (executions.py) the outcome. Every write is fenced by the owner's claim.
+RAW_HELD = "WHERE id = ? AND fence = ? AND status = 'running'"
+_RAW_SAVE_STEP_AND_STATE = (
+    f"UPDATE executions SET updated_at = ?, step = ?, current_state = ? {RAW_HELD}"
+)
+_RAW_SAVE_STEP = f"UPDATE executions SET updated_at = ?, step = ? {RAW_HELD}"
+_RAW_SAVE_TOUCH = f"UPDATE executions SET updated_at = ? {RAW_HELD}"
+_RAW_INSERT_CHECKPOINTS = (
+    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
+    " VALUES "
+)
+_RAW_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def moved_to(owner_id: str, rows: Sequence[CheckpointRow]) -> tuple[int, str | None] | None:
+    """The owner's step and current state after ``rows`` (state None: unchanged);
+    None when no row is the owner's (an inline child's rows)."""
+    own = [r for r in rows if r.execution_id == owner_id]
+    if not own:
+        return None
+    # machine_start/machine_end name pseudo-states ('start', 'end'): keep the last real one
+    real = [r for r in own if r.event not in ("machine_start", "machine_end")]
+    return (real[-1].step, real[-1].state) if real else (own[-1].step, None)
+
+
+def _touch(owner_id: str, fence: int, rows: Sequence[CheckpointRow], now: Any) -> tuple:
+    moved = moved_to(owner_id, rows)
+    if moved is None:  # an inline child's rows only prove the fence on the owner's row
+        return _RAW_SAVE_TOUCH, (now, owner_id, fence)
+    step, state = moved
+    if state is None:
+        return _RAW_SAVE_STEP, (now, step, owner_id, fence)
+    return _RAW_SAVE_STEP_AND_STATE, (now, step, state, owner_id, fence)
+
+
+def fenced_touch(
+    cur: Any,
+    drv: eng.Driver,
+    owner_id: str,
+    fence: int,
+    rows: Sequence[CheckpointRow],
+    now: Any,
+) -> None:
+    """The fence check of a checkpoint write, which also moves the execution's
+    step and current state to the newest of ``rows``. LeaseLost if not held."""
+    sql, params = _touch(owner_id, fence, rows, now)
+    cur.execute(drv.sql(sql), params)
+    if cur.rowcount != 1:
+        raise LeaseLost(owner_id, fence)
+
+
+def _row_params(drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any) -> list:
+    # a marker that waited for this commit keeps the time it was taken, for the timeline
+    params: list[Any] = []
+    for r in rows:
+        at = now if r.at is None else drv.time(r.at)
+        params += (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence, at)
+    return params
+
+
+def insert_checkpoints(
+    cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any
+) -> None:
+    if not rows:
+        return
+    # in order: ids follow the save order (latest = max id; one statement
+    # numbers its rows in the order of its VALUES on both databases).
+    # One statement, not executemany: psycopg pipelines an executemany, which
+    # costs more than it saves for the few rows of one commit.
+    params = _row_params(drv, rows, fence, now)
+    cur.execute(drv.sql(_RAW_INSERT_CHECKPOINTS + ", ".join([_RAW_ROW] * len(rows))), params)
+
+
+# PostgreSQL: the fence check (and the step it moves to) and the rows in one
+# statement, one round trip. A data-modifying WITH runs once whatever reads
+# it; the rows go in only if it matched, in the order of their VALUES.
+_PG_FENCED_INSERT = (
+    "WITH held AS ({touch} RETURNING 1) "
+    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM (VALUES {rows})"
+    " AS v(e, k, s, ev, st, sn, f, at, o) WHERE EXISTS (SELECT 1 FROM held) ORDER BY v.o"
+)
+_PG_ROW = "(%s, %s, %s::integer, %s, %s::text, %s::bytea, %s::bigint, %s::timestamp, {o})"
+
+
+def fenced_insert(
+    cur: Any,
+    drv: eng.Driver,
+    owner_id: str,
+    fence: int,
+    rows: Sequence[CheckpointRow],
+    now: Any,
+) -> None:
+    """``fenced_touch`` then ``insert_checkpoints``: one statement on PostgreSQL."""
+    if not rows or drv.dialect.name != "postgresql":
+        fenced_touch(cur, drv, owner_id, fence, rows, now)
+        insert_checkpoints(cur, drv, rows, fence, now)
+        return
+    touch, params = _touch(owner_id, fence, rows, now)
+    values = ", ".join(_PG_ROW.format(o=i) for i in range(len(rows)))
+    sql = _PG_FENCED_INSERT.format(touch=drv.sql(touch), rows=values)
+    cur.execute(sql, (*params, *_row_params(drv, rows, fence, now)))
+    if cur.rowcount != len(rows):
+        raise LeaseLost(owner_id, fence)
+
+
+# an execution's completion, fenced (executions.py's hot path)
+_RAW_COMPLETE = (
+    "UPDATE executions SET status = 'completed', output = {json}, error = NULL,"
+    f" lease_until = NULL, updated_at = ?, finished_at = ? {RAW_HELD}"
+)
+_RAW_COUNT_COMPLETED = "UPDATE workers SET completed = completed + 1 WHERE id = ?"
+
+
+class FencedWrite:
+    """A checkpoint commit (rows under the owner's fence), and perhaps the
+    owner's completion, as data: alone, it is a few statements; a batch of
+    them on PostgreSQL is one statement (``run_merged``)."""
+
+    __slots__ = ("drv", "owner_id", "fence", "rows", "first", "completes", "output", "worker_id")
+
+    def __init__(
+        self,
+        drv: eng.Driver,
+        owner_id: str,
+        fence: int,
+        rows: Sequence[CheckpointRow],
+        first: str | None = None,
+        *,
+        completes: bool = False,
+        output: str | None = None,
+        worker_id: str | None = None,
+    ):
+        self.drv = drv
+        self.owner_id = owner_id
+        self.fence = fence
+        self.rows = rows
+        self.first = first  # run first in the transaction (a progress commit's setting)
+        # the owner completes with ``output`` (JSON text), counted for its worker
+        self.completes = completes
+        self.output = output
+        self.worker_id = worker_id
+
+    def __call__(self, cur: Any) -> None:
+        drv = self.drv
+        if self.first:
+            cur.execute(self.first)
+        now = drv.time(utcnow())
+        if self.rows or not self.completes:
+            fenced_insert(cur, drv, self.owner_id, self.fence, self.rows, now)
+        if self.completes:
+            complete = drv.sql(_RAW_COMPLETE.format(json=drv.dialect.json_param))
+            cur.execute(complete, (self.output, now, now, self.owner_id, self.fence))
+            if cur.rowcount != 1:
+                raise LeaseLost(self.owner_id, self.fence)
+            cur.execute(drv.sql(_RAW_COUNT_COMPLETED), (self.worker_id,))
+
+
+# PostgreSQL: a batch of checkpoint commits (and completions) of different
+# executions in one statement. ``w`` holds each owner's fence, where it moves
+# to and whether it completes; ``held`` the owners whose fence holds (moved);
+# only their rows go in, in order, and their workers count their completions.
+_PG_MERGED = (
+    "WITH w(id, fence, step, state, set_step, set_state, done, output, worker) AS"
+    " (VALUES {owners}),"
+    " held AS (UPDATE executions e SET updated_at = %s,"
+    " step = CASE WHEN w.set_step THEN w.step ELSE e.step END,"
+    " current_state = CASE WHEN w.set_state THEN w.state ELSE e.current_state END,"
+    " status = CASE WHEN w.done THEN 'completed' ELSE e.status END,"
+    " output = CASE WHEN w.done THEN CAST(w.output AS json) ELSE e.output END,"
+    " error = CASE WHEN w.done THEN NULL ELSE e.error END,"
+    " lease_until = CASE WHEN w.done THEN NULL ELSE e.lease_until END,"
+    " finished_at = CASE WHEN w.done THEN %s ELSE e.finished_at END"
+    " FROM w WHERE e.id = w.id AND e.fence = w.fence AND e.status = 'running'"
+    " RETURNING e.id),"
+    " ins AS (INSERT INTO checkpoints"
+    " (execution_id, key, step, event, state, snapshot, fence, created_at)"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM (VALUES {rows})"
+    " AS v(owner, e, k, s, ev, st, sn, f, at, o) WHERE v.owner IN (SELECT id FROM held)"
+    " ORDER BY v.o),"
+    " counted AS (UPDATE workers k SET completed = k.completed + c.n FROM"
+    " (SELECT w.worker, count(*) AS n FROM w JOIN held ON held.id = w.id WHERE w.done"
+    " GROUP BY w.worker) c WHERE k.id = c.worker)"
+    " SELECT id FROM held"
+)
+_PG_OWNER = (
+    "(%s, %s::bigint, %s::integer, %s::text, %s::boolean, %s::boolean, %s::boolean,"
+    " %s::text, %s::text)"
+)
+_PG_MERGED_ROW = (
+    "(%s, %s, %s, %s::integer, %s, %s::text, %s::bytea, %s::bigint, %s::timestamp, {o})"
+)
+
+
+def _merges(f: Any) -> bool:
+    return isinstance(f, FencedWrite) and bool(f.rows or f.completes)
+
+
+def mergeable(drv: eng.Driver, fns: Sequence[Any]) -> bool:
+    """Whether ``run_merged`` should carry this batch: on PostgreSQL, two or
+    more checkpoint commits of different executions."""
+    if drv.dialect.name != "postgresql":
+        return False
+    owners = [f.owner_id for f in fns if _merges(f)]
+    return len(owners) >= 2 and len(set(owners)) == len(owners)
+
+
+def run_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any]) -> list[tuple[bool, Any]]:
+    """A batch (``mergeable``) in one transaction: its checkpoint commits in one
+    statement, then the other writes in order. A checkpoint commit whose fence
+    moved on writes nothing and gets its ``LeaseLost``; the rest commit. Any
+    other write's own error raises ``BatchItemFailed`` (the batch rolls back)."""
+    now = drv.time(utcnow())
+    merged = {i for i, f in enumerate(fns) if _merges(f)}
+    for first in sorted({fns[i].first for i in merged} - {None}):
+        cur.execute(first)
+    owners: list[Any] = []
+    rows: list[Any] = []
+    n = 0
+    for i in sorted(merged):
+        f = fns[i]
+        moved = moved_to(f.owner_id, f.rows)
+        step, state = moved if moved is not None else (0, None)
+        set_state = moved is not None and state is not None
+        owners += (f.owner_id, f.fence, step, state, moved is not None, set_state)
+        owners += (f.completes, f.output, f.worker_id)
+        for r in f.rows:
+            at = now if r.at is None else drv.time(r.at)
+            rows += (f.owner_id, r.execution_id, r.key, r.step, r.event, r.state, r.snapshot)
+            rows += (f.fence, at)
+            n += 1
+    values = ", ".join(_PG_MERGED_ROW.format(o=o) for o in range(n))
+    sql = _PG_MERGED.format(
+        owners=", ".join([_PG_OWNER] * len(merged)),
+        # no rows at all (completions alone): an empty, typed VALUES
+        rows=values
+        or "(NULL, NULL, NULL, NULL::integer, NULL, NULL::text, NULL::bytea,"
+        " NULL::bigint, NULL::timestamp, 0)",
+    )
+    cur.execute(sql, (*owners, now, now, *rows))
+    held = {r[0] for r in cur.fetchall()}
+    out: list[tuple[bool, Any]] = []
+    for i, f in enumerate(fns):
+        if i in merged:
+            ok = f.owner_id in held
+            out.append((True, None) if ok else (False, LeaseLost(f.owner_id, f.fence)))
+            continue
+        try:
+            out.append((True, f(cur)))
+        except Exception as exc:
+            if classify(exc) is not None:
+                raise
+            raise eng.BatchItemFailed(i, exc) from exc
+    return out
