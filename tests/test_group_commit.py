@@ -284,7 +284,7 @@ def test_completions_and_checkpoints_in_one_batch(db_url, tmp_path, faults):
         assert results[:2] == [None, None] and results[3:] == [None, None], results
         assert isinstance(results[2], LeaseLost)
         if store.db.dialect.name == "postgresql":
-            assert sum(s.startswith("WITH w(") for s in faults.seen) == 1, faults.seen
+            assert sum(s.startswith("WITH w AS") for s in faults.seen) == 1, faults.seen
 
         def row(c):
             return run_async(store.get(c.execution.id))

@@ -96,10 +96,27 @@ def insert_checkpoints(
 _PG_FENCED_INSERT = (
     "WITH held AS ({touch} RETURNING 1) "
     "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
-    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM (VALUES {rows})"
-    " AS v(e, k, s, ev, st, sn, f, at, o) WHERE EXISTS (SELECT 1 FROM held) ORDER BY v.o"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, %s, v.at FROM unnest(%b::text[], %b::text[],"
+    " %b::integer[], %b::text[], %b::text[], %b::bytea[], %b::timestamp[])"
+    " WITH ORDINALITY AS v(e, k, s, ev, st, sn, at, o)"
+    " WHERE EXISTS (SELECT 1 FROM held) ORDER BY v.o"
 )
-_PG_ROW = "(%s, %s, %s::integer, %s, %s::text, %s::bytea, %s::bigint, %s::timestamp, {o})"
+
+
+def _row_arrays(drv: eng.Driver, rows: Sequence[CheckpointRow], now: Any) -> list[list[Any]]:
+    """The rows' columns as arrays (PostgreSQL): a statement of one fixed text
+    whatever the number of rows, so the driver neither parses nor plans it anew.
+    The arrays go in binary (``%b``): the driver's text form of an array escapes
+    each element in Python (about 17 ms for a thousand snapshots, against 1)."""
+    return [
+        [r.execution_id for r in rows],
+        [r.key for r in rows],
+        [r.step for r in rows],
+        [r.event for r in rows],
+        [r.state for r in rows],
+        [r.snapshot for r in rows],
+        [now if r.at is None else drv.time(r.at) for r in rows],
+    ]
 
 
 def fenced_insert(
@@ -116,9 +133,8 @@ def fenced_insert(
         insert_checkpoints(cur, drv, rows, fence, now)
         return
     touch, params = _touch(owner_id, fence, rows, now)
-    values = ", ".join(_PG_ROW.format(o=i) for i in range(len(rows)))
-    sql = _PG_FENCED_INSERT.format(touch=drv.sql(touch), rows=values)
-    cur.execute(sql, (*params, *_row_params(drv, rows, fence, now)))
+    sql = _PG_FENCED_INSERT.format(touch=drv.sql(touch))
+    cur.execute(sql, (*params, fence, *_row_arrays(drv, rows, now)))
     if cur.rowcount != len(rows):
         raise LeaseLost(owner_id, fence)
 
@@ -180,8 +196,9 @@ class FencedWrite:
 # to and whether it completes; ``held`` the owners whose fence holds (moved);
 # only their rows go in, in order, and their workers count their completions.
 _PG_MERGED = (
-    "WITH w(id, fence, step, state, set_step, set_state, done, output, worker) AS"
-    " (VALUES {owners}),"
+    "WITH w AS (SELECT * FROM unnest(%b::text[], %b::bigint[], %b::integer[], %b::text[],"
+    " %b::boolean[], %b::boolean[], %b::boolean[], %b::text[], %b::text[])"
+    " AS w(id, fence, step, state, set_step, set_state, done, output, worker)),"
     " held AS (UPDATE executions e SET updated_at = %s,"
     " step = CASE WHEN w.set_step THEN w.step ELSE e.step END,"
     " current_state = CASE WHEN w.set_state THEN w.state ELSE e.current_state END,"
@@ -194,20 +211,14 @@ _PG_MERGED = (
     " RETURNING e.id),"
     " ins AS (INSERT INTO checkpoints"
     " (execution_id, key, step, event, state, snapshot, fence, created_at)"
-    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM (VALUES {rows})"
-    " AS v(owner, e, k, s, ev, st, sn, f, at, o) WHERE v.owner IN (SELECT id FROM held)"
-    " ORDER BY v.o),"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM unnest(%b::text[], %b::text[],"
+    " %b::text[], %b::integer[], %b::text[], %b::text[], %b::bytea[], %b::bigint[],"
+    " %b::timestamp[]) WITH ORDINALITY AS v(owner, e, k, s, ev, st, sn, f, at, o)"
+    " WHERE v.owner IN (SELECT id FROM held) ORDER BY v.o),"
     " counted AS (UPDATE workers k SET completed = k.completed + c.n FROM"
     " (SELECT w.worker, count(*) AS n FROM w JOIN held ON held.id = w.id WHERE w.done"
     " GROUP BY w.worker) c WHERE k.id = c.worker)"
     " SELECT id FROM held"
-)
-_PG_OWNER = (
-    "(%s, %s::bigint, %s::integer, %s::text, %s::boolean, %s::boolean, %s::boolean,"
-    " %s::text, %s::text)"
-)
-_PG_MERGED_ROW = (
-    "(%s, %s, %s, %s::integer, %s, %s::text, %s::bytea, %s::bigint, %s::timestamp, {o})"
 )
 
 
@@ -233,30 +244,30 @@ def run_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any]) -> list[tuple[bool
     merged = {i for i, f in enumerate(fns) if _merges(f)}
     for first in sorted({fns[i].first for i in merged} - {None}):
         cur.execute(first)
-    owners: list[Any] = []
-    rows: list[Any] = []
-    n = 0
+    owners: list[list[Any]] = [[] for _ in range(9)]
+    rows: list[list[Any]] = [[] for _ in range(9)]
     for i in sorted(merged):
         f = fns[i]
         moved = moved_to(f.owner_id, f.rows)
         step, state = moved if moved is not None else (0, None)
         set_state = moved is not None and state is not None
-        owners += (f.owner_id, f.fence, step, state, moved is not None, set_state)
-        owners += (f.completes, f.output, f.worker_id)
+        for column, value in zip(
+            owners,
+            (f.owner_id, f.fence, step, state, moved is not None, set_state)
+            + (f.completes, f.output, f.worker_id),
+            strict=True,
+        ):
+            column.append(value)
         for r in f.rows:
             at = now if r.at is None else drv.time(r.at)
-            rows += (f.owner_id, r.execution_id, r.key, r.step, r.event, r.state, r.snapshot)
-            rows += (f.fence, at)
-            n += 1
-    values = ", ".join(_PG_MERGED_ROW.format(o=o) for o in range(n))
-    sql = _PG_MERGED.format(
-        owners=", ".join([_PG_OWNER] * len(merged)),
-        # no rows at all (completions alone): an empty, typed VALUES
-        rows=values
-        or "(NULL, NULL, NULL, NULL::integer, NULL, NULL::text, NULL::bytea,"
-        " NULL::bigint, NULL::timestamp, 0)",
-    )
-    cur.execute(sql, (*owners, now, now, *rows))
+            for column, value in zip(
+                rows,
+                (f.owner_id, r.execution_id, r.key, r.step, r.event, r.state, r.snapshot)
+                + (f.fence, at),
+                strict=True,
+            ):
+                column.append(value)
+    cur.execute(_PG_MERGED, (*owners, now, now, *rows))
     held = {r[0] for r in cur.fetchall()}
     out: list[tuple[bool, Any]] = []
     for i, f in enumerate(fns):
