@@ -146,7 +146,8 @@ def run(cfg: Config) -> WorkloadResult:
                 f"flatorch {tag}: {n:,} at --concurrency {c}",
                 "s",
                 runs,
-                rss_kib_per_in_flight=sorted(per_inflight)[len(per_inflight) // 2],
+                rss_kib_per_in_flight=(rss := sorted(per_inflight)[len(per_inflight) // 2]),
+                note=f"RSS {rss:.0f} KiB per execution in flight",
             )
             result.ratio(
                 f"{tag}, {n:,} at {c}: time / ideal ({ideal:.1f} s)",

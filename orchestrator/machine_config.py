@@ -9,6 +9,7 @@ disk, so an execution resumes with exactly the config it started with.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -159,13 +160,23 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
 
 
 class ConfigCache:
-    """Parsed configs by hash: a worker parses each pinned config once."""
+    """Parsed configs by hash: a worker parses each pinned config once.
+
+    Each machine gets a copy of its own (the library may change what it is
+    given). A config that JSON holds exactly, as most do, is copied by
+    decoding its JSON text (about five times cheaper than ``copy.deepcopy``,
+    which was 5 % of a busy worker's samples); any other by ``deepcopy``.
+    """
 
     def __init__(self) -> None:
         self._parsed: dict[str, dict[str, Any]] = {}
+        self._json: dict[str, str] = {}
         self._raw: dict[str, str] = {}
 
     def get(self, hash_key: str) -> dict[str, Any] | None:
+        text = self._json.get(hash_key)
+        if text is not None:
+            return json.loads(text)
         cached = self._parsed.get(hash_key)
         return copy.deepcopy(cached) if cached is not None else None
 
@@ -177,4 +188,27 @@ class ConfigCache:
         parsed = yaml.safe_load(raw)
         self._parsed[hash_key] = parsed
         self._raw[hash_key] = raw
+        text = _exact_json(parsed)
+        if text is not None:
+            self._json[hash_key] = text
         return copy.deepcopy(parsed)
+
+
+def _exact_json(value: Any) -> str | None:
+    """``value`` as JSON text, if decoding it gives back the same types and
+    values (YAML can hold what JSON cannot: dates, non-string keys, ...)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+    return text if _same(json.loads(text), value) else None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (a != a and b != b)  # NaN

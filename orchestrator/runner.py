@@ -21,6 +21,7 @@ queue and it resumes from its last committed checkpoint.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -242,6 +243,7 @@ class Runner:
         self.linger = linger
         self.hooks_registry = hooks_registry
         self.configs = ConfigCache()
+        self._loading: dict[str, asyncio.Future] = {}
         # the library builds a registry (trying every optional adapter's import)
         # per machine unless given one; this one imports them on first use
         self.agent_registry = LazyAgentRegistry(agent_adapters)
@@ -251,12 +253,25 @@ class Runner:
 
     async def _config(self, config_hash: str) -> dict[str, Any]:
         config = self.configs.get(config_hash)
-        if config is None:
-            raw = await self.store.get_config(config_hash)
-            if raw is None:
-                raise RuntimeError(f"config {config_hash} is missing from the store")
-            config = self.configs.put(config_hash, raw)
+        if config is not None:
+            return config
+        # the executions of a new config claimed together read and parse it once
+        loading = self._loading.get(config_hash)
+        if loading is None:
+            loading = self._loading[config_hash] = asyncio.ensure_future(
+                self._load_config(config_hash)
+            )
+            loading.add_done_callback(lambda _: self._loading.pop(config_hash, None))
+        await asyncio.shield(loading)
+        config = self.configs.get(config_hash)
+        assert config is not None
         return config
+
+    async def _load_config(self, config_hash: str) -> None:
+        raw = await self.store.get_config(config_hash)
+        if raw is None:
+            raise RuntimeError(f"config {config_hash} is missing from the store")
+        self.configs.put(config_hash, raw)
 
     def _missing_hooks(self, config: dict[str, Any]) -> set[str]:
         return set(hook_names(config)) - registered_names(self.hooks_registry)

@@ -357,3 +357,21 @@ def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path):
         if entry.step > 3 or (entry.step, entry.event) == (3, "state_exit"):  # s2 acted
             assert snapshot.context["tags"] == "{'only'}"
             assert snapshot.context["nested"]["text"] == 'é "quoted"'
+
+
+def test_config_cache_hands_each_machine_its_own_exact_copy():
+    # Copies come from the config's JSON text when JSON holds it exactly, else
+    # from a deep copy: either way equal to the parse, never shared.
+    from orchestrator.machine_config import ConfigCache
+
+    cache = ConfigCache()
+    plain = "spec: flatmachine\ndata:\n  context: {a: 1, b: [1, 2.5, null, true, 'x']}\n"
+    yaml_only = "spec: flatmachine\ndata:\n  when: 2026-01-01\n  1: one\n  ratio: .nan\n"
+    for key, raw in (("plain", plain), ("yaml-only", yaml_only)):
+        first = cache.put(key, raw)
+        one, two = cache.get(key), cache.get(key)
+        assert repr(one) == repr(first) == repr(two)  # same types, same values
+        one["data"]["mutated"] = True
+        assert "mutated" not in cache.get(key)["data"] and "mutated" not in two["data"]
+    assert type(cache.get("yaml-only")["data"]["when"]).__name__ == "date"
+    assert 1 in cache.get("yaml-only")["data"]
