@@ -59,26 +59,8 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 1_000_000
 
 # PinnedMachine._save_checkpoint writes the library's snapshot fields itself,
-# in this order; a library whose snapshot differs takes its own path.
-_SNAPSHOT_FIELDS = (
-    "execution_id",
-    "machine_name",
-    "spec_version",
-    "current_state",
-    "context",
-    "step",
-    "created_at",
-    "event",
-    "output",
-    "total_api_calls",
-    "total_cost",
-    "parent_execution_id",
-    "pending_launches",
-    "waiting_channel",
-    "tool_loop_state",
-    "config_hash",
-)
-_FAST_SNAPSHOTS = tuple(f.name for f in dataclasses.fields(MachineSnapshot)) == _SNAPSHOT_FIELDS
+# in the library's order; were they ever to differ, it takes the library's path
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(MachineSnapshot))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +140,7 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         """
         persistence = self.persistence
         if (
-            not _FAST_SNAPSHOTS
-            or event not in self.checkpoint_events
+            event not in self.checkpoint_events
             or self._config_hash is None
             or not isinstance(persistence, FencedPersistence)
         ):
@@ -190,6 +171,8 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
             "config_hash": self._config_hash,
         }
         try:
+            if tuple(fields) != _SNAPSHOT_FIELDS:
+                raise TypeError("the library's snapshot has other fields")
             encoded = json.dumps(fields).encode("utf-8")
         except (TypeError, ValueError, OverflowError):
             return await super()._save_checkpoint(

@@ -19,7 +19,7 @@ from ..clock import lease_deadline, utcnow
 from ..errors import ExecutionNotFound, LeaseLost, UserError
 from ..routing import runnable
 from .db import Database
-from .fenced import RAW_HELD, FencedWrite, fenced_insert
+from .fenced import RAW_COUNT, RAW_FINISH, FencedWrite, fenced_insert
 from .groups import cancel_descendants, ended, settle_group
 from .models import FINAL_STATUSES, configs, executions, queues, workers
 from .records import CheckpointRow, Claim, Execution, NewExecution, WaitEnd
@@ -100,22 +100,7 @@ _WAKE_DUE = (
     )
     .values(status="queued", updated_at=sa.bindparam("b_now"))
 )
-_TAKE = (
-    sa.update(executions)
-    .where(executions.c.id == sa.bindparam("b_id"))
-    .values(
-        status="running",
-        worker_id=sa.bindparam("b_worker"),
-        lease_until=sa.bindparam("b_lease_until"),
-        fence=executions.c.fence + 1,
-        recoveries=executions.c.recoveries + sa.bindparam("b_recovered"),
-        not_before=None,
-        started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
-        updated_at=sa.bindparam("b_now"),
-    )
-    .returning(*executions.c)
-)
-# the queued rows a claim of several took (locked by the select): one statement
+# what a claim sets on the rows it takes
 _TAKE_VALUES = dict(
     status="running",
     worker_id=sa.bindparam("b_worker"),
@@ -125,6 +110,14 @@ _TAKE_VALUES = dict(
     started_at=sa.func.coalesce(executions.c.started_at, sa.bindparam("b_now")),
     updated_at=sa.bindparam("b_now"),
 )
+# one row (a recovery counts against its cap)
+_TAKE = (
+    sa.update(executions)
+    .where(executions.c.id == sa.bindparam("b_id"))
+    .values(**_TAKE_VALUES, recoveries=executions.c.recoveries + sa.bindparam("b_recovered"))
+    .returning(*executions.c)
+)
+# the queued rows a claim of several chose (locked by its select): one statement
 _TAKE_QUEUED = (
     sa.update(executions)
     .where(executions.c.id.in_(sa.bindparam("b_ids", expanding=True)))
@@ -135,32 +128,15 @@ _TAKE_QUEUED = (
 # taken in one statement (FOR UPDATE SKIP LOCKED inside, on PostgreSQL)
 _TAKE_BEST_OF_NEED = (
     sa.update(executions)
-    .where(
-        executions.c.id.in_(
-            sa.select(executions.c.id)
-            .where(
-                executions.c.queue.in_(_QUEUES),
-                executions.c.needs == sa.bindparam("b_need"),
-                executions.c.status == "queued",
-                sa.or_(
-                    executions.c.not_before.is_(None),
-                    executions.c.not_before <= sa.bindparam("b_now"),
-                ),
-            )
-            .order_by(executions.c.priority.desc(), executions.c.created_at)
-            .limit(sa.bindparam("b_limit"))
-            .with_for_update(skip_locked=True)
-        )
-    )
+    .where(executions.c.id.in_(_RUNNABLE_QUEUED_NEEDS.with_only_columns(executions.c.id)))
     .values(**_TAKE_VALUES)
     .returning(*executions.c)
 )
 
-_RAW_FINISH = (
-    "UPDATE executions SET status = ?, output = {json}, error = ?, lease_until = NULL,"
-    f" updated_at = ?, finished_at = ? {RAW_HELD}"
-)
-_RAW_COUNT = "UPDATE workers SET {col} = {col} + 1 WHERE id = ?"
+
+def _best_first(row: Any) -> tuple:
+    """The claim's order: highest priority, then oldest."""
+    return (-row.priority, row.created_at)
 
 
 def ensure_queues(conn: sa.Connection, db: Database, names: Iterable[str], now: Any) -> None:
@@ -310,7 +286,7 @@ class Executions:
                 _RUNNABLE_QUEUED_NEEDS, {**params, "b_need": needs, "b_limit": limit}
             ).all()
         if len(params["b_needs"]) > 1:
-            found.sort(key=lambda r: (-r.priority, r.created_at))
+            found.sort(key=_best_first)
         return found[:limit]
 
     async def submit(self, new: Sequence[NewExecution]) -> list[tuple[Execution, bool]]:
@@ -508,10 +484,7 @@ class Executions:
                         "b_lease_until": lease_deadline(now, ttl),
                     },
                 ).mappings()
-                best_first = sorted(
-                    (Execution.from_row(r) for r in taken),
-                    key=lambda ex: (-ex.priority, ex.created_at),
-                )
+                best_first = sorted((Execution.from_row(r) for r in taken), key=_best_first)
                 return [Claim(ex, worker_id, ex.fence, False) for ex in best_first]
             if have is None:
                 rows = conn.execute(_RUNNABLE_QUEUED_MANY, {**params, "b_limit": left}).all()
@@ -670,8 +643,8 @@ class Executions:
         signal it took and did not consume, to the next waiter."""
         assert status in ("completed", "failed")
         drv = self.db.driver
-        finish = drv.sql(_RAW_FINISH.format(json=self.db.dialect.json_param))
-        count = drv.sql(_RAW_COUNT.format(col=status))
+        finish = drv.sql(RAW_FINISH.format(json=self.db.dialect.json_param))
+        count = drv.sql(RAW_COUNT.format(col=status))
         output_json = None if output is None else json.dumps(output)
         ex_id, fence = claim.execution.id, claim.fence
 

@@ -52,22 +52,6 @@ def _touch(owner_id: str, fence: int, rows: Sequence[CheckpointRow], now: Any) -
     return _RAW_SAVE_STEP_AND_STATE, (now, step, state, owner_id, fence)
 
 
-def fenced_touch(
-    cur: Any,
-    drv: eng.Driver,
-    owner_id: str,
-    fence: int,
-    rows: Sequence[CheckpointRow],
-    now: Any,
-) -> None:
-    """The fence check of a checkpoint write, which also moves the execution's
-    step and current state to the newest of ``rows``. LeaseLost if not held."""
-    sql, params = _touch(owner_id, fence, rows, now)
-    cur.execute(drv.sql(sql), params)
-    if cur.rowcount != 1:
-        raise LeaseLost(owner_id, fence)
-
-
 def _row_params(drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now: Any) -> list:
     # a marker that waited for this commit keeps the time it was taken, for the timeline
     params: list[Any] = []
@@ -127,24 +111,28 @@ def fenced_insert(
     rows: Sequence[CheckpointRow],
     now: Any,
 ) -> None:
-    """``fenced_touch`` then ``insert_checkpoints``: one statement on PostgreSQL."""
-    if not rows or drv.dialect.name != "postgresql":
-        fenced_touch(cur, drv, owner_id, fence, rows, now)
-        insert_checkpoints(cur, drv, rows, fence, now)
-        return
+    """The fence check of a checkpoint write, which also moves the execution's
+    step and current state to the newest of ``rows``, then the rows: one
+    statement on PostgreSQL. LeaseLost (nothing written) if not held."""
     touch, params = _touch(owner_id, fence, rows, now)
-    sql = _PG_FENCED_INSERT.format(touch=drv.sql(touch))
-    cur.execute(sql, (*params, fence, *_row_arrays(drv, rows, now)))
-    if cur.rowcount != len(rows):
+    if rows and drv.dialect.name == "postgresql":
+        sql = _PG_FENCED_INSERT.format(touch=drv.sql(touch))
+        cur.execute(sql, (*params, fence, *_row_arrays(drv, rows, now)))
+        if cur.rowcount != len(rows):
+            raise LeaseLost(owner_id, fence)
+        return
+    cur.execute(drv.sql(touch), params)
+    if cur.rowcount != 1:
         raise LeaseLost(owner_id, fence)
+    insert_checkpoints(cur, drv, rows, fence, now)
 
 
-# an execution's completion, fenced (executions.py's hot path)
-_RAW_COMPLETE = (
-    "UPDATE executions SET status = 'completed', output = {json}, error = NULL,"
-    f" lease_until = NULL, updated_at = ?, finished_at = ? {RAW_HELD}"
+# an execution's outcome, fenced, and its worker's count of them
+RAW_FINISH = (
+    "UPDATE executions SET status = ?, output = {json}, error = ?, lease_until = NULL,"
+    f" updated_at = ?, finished_at = ? {RAW_HELD}"
 )
-_RAW_COUNT_COMPLETED = "UPDATE workers SET completed = completed + 1 WHERE id = ?"
+RAW_COUNT = "UPDATE workers SET {col} = {col} + 1 WHERE id = ?"
 
 
 class FencedWrite:
@@ -184,11 +172,12 @@ class FencedWrite:
         if self.rows or not self.completes:
             fenced_insert(cur, drv, self.owner_id, self.fence, self.rows, now)
         if self.completes:
-            complete = drv.sql(_RAW_COMPLETE.format(json=drv.dialect.json_param))
-            cur.execute(complete, (self.output, now, now, self.owner_id, self.fence))
+            finish = drv.sql(RAW_FINISH.format(json=drv.dialect.json_param))
+            held = (self.owner_id, self.fence)
+            cur.execute(finish, ("completed", self.output, None, now, now, *held))
             if cur.rowcount != 1:
                 raise LeaseLost(self.owner_id, self.fence)
-            cur.execute(drv.sql(_RAW_COUNT_COMPLETED), (self.worker_id,))
+            cur.execute(drv.sql(RAW_COUNT.format(col="completed")), (self.worker_id,))
 
 
 # PostgreSQL: a batch of checkpoint commits (and completions) of different
