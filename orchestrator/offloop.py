@@ -50,21 +50,65 @@ class OffLoopHooks:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._hooks, name)
-        if (
-            name not in HOOK_METHODS
-            or not callable(attr)
-            or inspect.iscoroutinefunction(attr)
-            or getattr(attr, "__func__", None) is getattr(MachineHooks, name, None)
-        ):
-            return attr  # async, or the library's pass-through default: stays on the loop
-        executor = self._executor
+        if name not in HOOK_METHODS or not callable(attr):
+            return attr
+        kind, signature = _kind(attr, name)
+        if kind == "sync":
+            executor = self._executor
 
-        @functools.wraps(attr)  # the library reads on_action's signature
-        async def off_loop(*args: Any, **kwargs: Any) -> Any:
-            run = functools.partial(contextvars.copy_context().run, attr, *args, **kwargs)
-            return await asyncio.get_running_loop().run_in_executor(executor, run)
+            @functools.wraps(attr)
+            async def off_loop(*args: Any, **kwargs: Any) -> Any:
+                run = functools.partial(contextvars.copy_context().run, attr, *args, **kwargs)
+                return await asyncio.get_running_loop().run_in_executor(executor, run)
 
-        return off_loop
+            # the library reads on_action's signature: known, not computed per call
+            off_loop.__signature__ = signature  # type: ignore[attr-defined]
+            return off_loop
+        if signature is not None:
+            return _Signed(attr, signature)
+        return attr  # async, or the library's pass-through default: stays on the loop
+
+
+class _Signed:
+    """A bound hook method with its signature at hand: the library reads
+    ``on_action``'s signature on every action, and ``inspect`` computes a
+    bound method's anew each time."""
+
+    __slots__ = ("_method", "__signature__")
+
+    def __init__(self, method: Any, signature: inspect.Signature):
+        self._method = method
+        self.__signature__ = signature
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+
+# (function, name) -> ("sync" | "loop", the bound method's signature when the
+# library reads it: on_action's, and any sync method's, whose wrapper shows it)
+_KINDS: dict[tuple[Any, str], tuple[str, inspect.Signature | None]] = {}
+
+
+def _kind(method: Any, name: str) -> tuple[str, inspect.Signature | None]:
+    func = getattr(method, "__func__", None)
+    key = (func if func is not None else method, name)
+    known = _KINDS.get(key) if func is not None else None
+    if known is not None:
+        return known
+    if inspect.iscoroutinefunction(method) or func is getattr(MachineHooks, name, None):
+        kind = "loop"  # async, or the library's pass-through default
+    else:
+        kind = "sync"
+    signature = None
+    if kind == "sync" or name == "on_action":
+        try:
+            signature = inspect.signature(method)
+        except (TypeError, ValueError):
+            signature = None
+    known = (kind, signature)
+    if func is not None and len(_KINDS) < 4096:  # methods of classes: few, and kept
+        _KINDS[key] = known
+    return known
 
 
 def off_loop(hooks: Any, executor: Executor | None) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -23,6 +22,7 @@ from . import engine as eng
 from . import wake
 from .dialect import POOL_SIZE, Dialect, dialect_of
 from .group import GroupCommit
+from .threads import StoreThreads
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ class Database:
         )
         self.driver = eng.Driver(self.engine, patience=self.patience)
         self.progress_driver = eng.Driver(self.progress_engine, patience=self.patience)
-        self._threads = ThreadPoolExecutor(POOL_SIZE, thread_name_prefix="store")
+        self._threads = StoreThreads(POOL_SIZE, "store")
         # the hot writes of this process's executions share commits (group.py)
         self.group = GroupCommit(self.driver, self.call)
         self.progress_group = GroupCommit(self.progress_driver, self.call)
@@ -77,7 +77,7 @@ class Database:
 
     async def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` on one of the store's threads."""
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+        return await self._threads.submit(asyncio.get_running_loop(), fn)
 
     async def wake(self) -> None:
         """Work may be runnable now: wake idle workers (wake.py). Never fails a
@@ -114,4 +114,4 @@ class Database:
             self.progress_engine.dispose()
 
         await self.call(dispose)
-        self._threads.shutdown(wait=True)
+        self._threads.shutdown()

@@ -58,6 +58,8 @@ class GroupCommit:
         self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Queue] = (
             weakref.WeakKeyDictionary()
         )
+        # the last loop's queue, looked up without the weak mapping (one loop, mostly)
+        self._last: tuple[weakref.ref, _Queue] | None = None
         # figures for bench/: transactions made and writes carried
         self.commits = 0
         self.writes = 0
@@ -65,9 +67,7 @@ class GroupCommit:
     async def run(self, fn: Callable[[Any], T]) -> T:
         """``fn(cursor)`` committed, in a transaction it may share with others."""
         loop = asyncio.get_running_loop()
-        queue = self._queues.get(loop)
-        if queue is None:
-            queue = self._queues[loop] = _Queue()
+        queue = self._queue(loop)
         if not queue.pending and not queue.in_flight:
             # nothing waits: this write commits at once, from this task (no
             # hop through a flush task); the writes that come meanwhile queue
@@ -85,6 +85,16 @@ class GroupCommit:
         queue.pending.append((fn, future))
         self._maybe_flush(loop, queue)
         return await future
+
+    def _queue(self, loop: asyncio.AbstractEventLoop) -> _Queue:
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return last[1]
+        queue = self._queues.get(loop)
+        if queue is None:
+            queue = self._queues[loop] = _Queue()
+        self._last = (weakref.ref(loop), queue)
+        return queue
 
     def _maybe_flush(self, loop: asyncio.AbstractEventLoop, queue: _Queue) -> None:
         """A flush task for what waits: when nothing is in flight, or (on
