@@ -117,3 +117,38 @@ def off_loop(hooks: Any, executor: Executor | None) -> Any:
     if executor is None or hooks is None or isinstance(hooks, CompositeHooks):
         return hooks
     return OffLoopHooks(hooks, executor)
+
+
+# The library's default hook methods hand back one of their arguments unchanged
+# (MachineHooks): which one, by method.
+_GIVEN_BACK = {
+    "on_machine_start": 0,
+    "on_machine_end": 1,
+    "on_state_enter": 1,
+    "on_state_exit": 2,
+    "on_transition": 1,
+}
+_DEFAULTS: dict[type, frozenset[str]] = {}
+
+
+def passes_through(hooks: Any, name: str) -> int | None:
+    """The index of the argument ``hooks.<name>`` would hand back unchanged,
+    when it is the library's default (not overridden): the caller can skip
+    the call. None otherwise."""
+    given = _GIVEN_BACK.get(name)
+    if given is None:
+        return None
+    inner = hooks._hooks if type(hooks) is OffLoopHooks else hooks
+    cls = type(inner)
+    defaults = _DEFAULTS.get(cls)
+    if defaults is None:
+        defaults = frozenset(
+            n
+            for n in _GIVEN_BACK
+            if isinstance(inner, MachineHooks) and getattr(cls, n, None) is getattr(MachineHooks, n)
+        )
+        if len(_DEFAULTS) < 4096:
+            _DEFAULTS[cls] = defaults
+    if name not in defaults or name in getattr(inner, "__dict__", ()):
+        return None
+    return given

@@ -42,7 +42,7 @@ from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
-from .offloop import off_loop
+from .offloop import off_loop, passes_through
 from .persistence import (
     DEFAULT_LINGER,
     FencedLock,
@@ -231,6 +231,9 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     async def _run_hook(self, hooks: Any, method_name: str, *args: Any) -> Any:
         if method_name == "on_error" and self._store_trouble(args[1]):
             return None  # nor the hooks' to handle: the run is abandoned
+        given = passes_through(hooks, method_name)
+        if given is not None:
+            return args[given]  # the library's default: it hands back what it was given
         return await super()._run_hook(hooks, method_name, *args)
 
 

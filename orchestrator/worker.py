@@ -370,7 +370,9 @@ class Worker:
             self._held[ex.id] = claim.fence
         task = asyncio.create_task(self._execute(claim), name=f"execution:{ex.id}")
         self._running[ex.id] = (task, claim)
-        log.info(
+        # one line per execution at INFO (its outcome); a recovery is news
+        log.log(
+            logging.INFO if claim.recovered else logging.DEBUG,
             "claimed %s (%s, fence %d%s)",
             ex.id,
             ex.machine,

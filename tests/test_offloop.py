@@ -88,3 +88,28 @@ def test_a_plain_hook_that_raises_raises_in_the_caller():
             return "no error"
 
     assert asyncio.run(main()) == "boom in s"
+
+
+def test_only_the_library_defaults_are_skipped_as_pass_through():
+    from orchestrator.offloop import passes_through
+
+    class Enter(MachineHooks):
+        def on_state_enter(self, state_name, context):
+            return {"replaced": True}
+
+        async def on_transition(self, from_state, to_state, context):
+            return "elsewhere"
+
+    with ThreadPoolExecutor(1) as pool:
+        for hooks in (Enter(), off_loop(Enter(), pool)):
+            assert passes_through(hooks, "on_state_enter") is None
+            assert passes_through(hooks, "on_transition") is None
+            assert passes_through(hooks, "on_state_exit") == 2  # (state, context, output)
+            assert passes_through(hooks, "on_action") is None  # never skipped
+            assert passes_through(hooks, "on_error") is None
+        patched = MachineHooks()
+        patched.on_state_exit = lambda state, context, output: {"patched": True}
+        assert passes_through(patched, "on_state_exit") is None
+        assert passes_through(off_loop(patched, pool), "on_state_exit") is None
+        assert passes_through(off_loop(MachineHooks(), pool), "on_machine_end") == 1
+        assert passes_through(object(), "on_state_enter") is None  # not the library's class

@@ -29,7 +29,13 @@ _WRITERS_LOCK = threading.Lock()
 
 
 def _pool(pooled: bool) -> dict[str, Any]:
-    return {"pool_size": POOL_SIZE, "max_overflow": 0} if pooled else {"poolclass": sa.NullPool}
+    # No rollback as a connection goes back to the pool: every transaction here
+    # ends in its own commit or rollback (engine.py), so the pool's would only
+    # cost a call per transaction.
+    reset = {"pool_reset_on_return": None}
+    if pooled:
+        return {"pool_size": POOL_SIZE, "max_overflow": 0, **reset}
+    return {"poolclass": sa.NullPool, **reset}
 
 
 class Dialect:
