@@ -141,12 +141,8 @@ class FencedPersistence(PersistenceBackend):
             )
         ):
             self._pending.append(row)
-            if self._pending_since is None:
-                loop = asyncio.get_running_loop()
-                self._pending_since = loop.time()
-                if not self._queued:
-                    self._queued = True
-                    MarkerFlusher.of(self.store, loop).due(self, self._pending_since + self.linger)
+            if self._pending_since is None or not self._queued:
+                self._mind_markers()
             return
         await self._write(durable=True, extra=row)
 
@@ -188,17 +184,27 @@ class FencedPersistence(PersistenceBackend):
         self._pending.clear()
         self._pending_since = None
 
-    def _markers_failed(self, rows: list[CheckpointRow], exc: BaseException) -> None:
-        """The flusher's write of ``rows`` (markers) did not commit."""
-        if isinstance(exc, LeaseLost) or (isinstance(exc, StoreUnavailable) and exc.uncertain):
-            self.broken = exc  # the claim moved on, or what committed is unknown
-            return
-        # not written: the next commit carries them (and their time is kept)
-        self._pending[:0] = rows
+    def _mind_markers(self) -> None:
+        """Have the loop's flusher write what is pending once it is ``linger`` old."""
+        loop = asyncio.get_running_loop()
         if self._pending_since is None:
-            self._pending_since = asyncio.get_running_loop().time()
-        if not isinstance(exc, StoreUnavailable | asyncio.CancelledError):
-            log.warning("progress markers of %s not written yet: %s", self.owner_id, exc)
+            self._pending_since = loop.time()
+        if not self._queued and not self._closed:
+            self._queued = True
+            MarkerFlusher.of(self.store, loop).due(self, self._pending_since + self.linger)
+
+    def _not_written(self, rows: list[CheckpointRow], exc: BaseException, *, durable: bool) -> None:
+        """A write of ``rows`` did not commit. The run stops when its claim moved
+        on (the lease keeper cancels it as well), or when a state's progress is
+        unknown to the store or may be half known: it resumes from what
+        committed. Markers alone wait for the next commit, or the flusher."""
+        if isinstance(exc, LeaseLost) or (
+            isinstance(exc, StoreUnavailable) and (durable or exc.uncertain)
+        ):
+            self.broken = exc
+        elif not durable:
+            self._pending[:0] = rows
+            self._mind_markers()
 
     async def _write(self, *, durable: bool, extra: CheckpointRow | None = None) -> None:
         async with self._write_lock:
@@ -217,20 +223,8 @@ class FencedPersistence(PersistenceBackend):
                     durable=durable,
                     wait=wait,
                 )
-            except StoreUnavailable as exc:
-                if durable or exc.uncertain:
-                    # a state's progress is unknown to the store, or may be half
-                    # known: this run stops here and resumes from what committed
-                    self.broken = exc
-                else:
-                    self._pending[:0] = rows  # markers only: the next commit carries them
-                raise
-            except LeaseLost as exc:
-                self.broken = exc  # the lease keeper cancels the run as well
-                raise
-            except BaseException:
-                if not durable:
-                    self._pending[:0] = rows  # not written: keep them for the next commit
+            except BaseException as exc:
+                self._not_written(rows, exc, durable=durable)
                 raise
 
     async def load(self, key: str) -> bytes | None:
@@ -386,25 +380,24 @@ class MarkerFlusher:
         writes = [(b.owner_id, b.claim.fence, rows) for b, rows in batch]
         try:
             outcomes = await self.store.save_markers(writes)
-        except BaseException as exc:  # noqa: BLE001 - the store's trouble is every write's
+        except Exception as exc:  # noqa: BLE001 - the store's trouble is every write's
             outcomes = [(False, exc)] * len(batch)
-            if not isinstance(exc, Exception):
-                self._settle(batch, outcomes)
-                raise
+        except BaseException as exc:  # cancelled: nothing is known to have committed
+            self._settle(batch, [(False, exc)] * len(batch))
+            raise
         self._settle(batch, outcomes)
 
     def _settle(self, batch: list, outcomes: list[tuple[bool, Any]]) -> None:
         for (backend, rows), (ok, value) in zip(batch, outcomes, strict=True):
-            if not ok and not backend._closed:
-                backend._markers_failed(rows, value)
             done, backend._marker_flush = backend._marker_flush, None
+            if not ok and not backend._closed:
+                backend._not_written(rows, value, durable=False)
+                if not isinstance(value, LeaseLost | StoreUnavailable | asyncio.CancelledError):
+                    log.warning(
+                        "progress markers of %s not written yet: %s", backend.owner_id, value
+                    )
             if done is not None and not done.done():
                 done.set_result(None)
-            if backend._pending and not backend._queued and not backend._closed:
-                if backend.broken is None:
-                    backend._queued = True
-                    since = backend._pending_since or self.loop.time()
-                    self.due(backend, since + backend.linger)
 
 
 class StoreSignals:
