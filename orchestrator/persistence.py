@@ -9,12 +9,9 @@ never overwrite the new owner's state.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import json
 import logging
 import time
-import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,12 +76,8 @@ class FencedPersistence(PersistenceBackend):
         self._last_saved: dict[str, str] = {}
         self._pending: list[CheckpointRow] = []
         self._write_lock = asyncio.Lock()  # keeps row ids in save order
-        # markers wait here; the loop's MarkerFlusher writes them once they are
-        # ``linger`` old (since: when the oldest came), unless a commit took them
-        self._pending_since: float | None = None
-        self._queued = False  # with the flusher
-        self._marker_flush: asyncio.Future | None = None  # its write of ours, in flight
-        self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task | None = None
         # the store's refusal (LeaseLost) or absence (StoreUnavailable) met by this
         # run: every later save raises it, so nothing more is written under the claim
         self.broken: LeaseLost | StoreUnavailable | None = None
@@ -141,8 +134,9 @@ class FencedPersistence(PersistenceBackend):
             )
         ):
             self._pending.append(row)
-            if self._pending_since is None or not self._queued:
-                self._mind_markers()
+            if self._timer is None and self._flusher is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.linger, self._start_background_flush)
             return
         await self._write(durable=True, extra=row)
 
@@ -150,7 +144,6 @@ class FencedPersistence(PersistenceBackend):
         """The rows not yet written, for the caller to commit with the outcome
         (after any write in flight, so row ids keep the save order)."""
         async with self._write_lock:
-            await self._after_marker_flush()
             return self._take()
 
     def wait_ended(self, signal_id: int | None) -> None:
@@ -164,51 +157,49 @@ class FencedPersistence(PersistenceBackend):
         return wait
 
     def _take(self) -> list[CheckpointRow]:
-        self._pending_since = None
+        self._cancel_timer()
         rows, self._pending = self._pending, []
         return rows
-
-    async def _after_marker_flush(self) -> None:
-        """Wait for the flusher's write of our markers, if one is in flight:
-        what we write next must come after them (row ids keep the save order)."""
-        while self._marker_flush is not None:
-            await asyncio.shield(self._marker_flush)
 
     async def flush(self) -> None:
         """Write what is pending now (not durable: only progress markers wait)."""
         await self._write(durable=False)
 
     async def close(self) -> None:
-        """Write nothing more; anything still pending is dropped."""
-        self._closed = True
+        """Stop the background flush; anything still pending is dropped."""
+        self._cancel_timer()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except (asyncio.CancelledError, LeaseLost):
+                pass
         self._pending.clear()
-        self._pending_since = None
 
-    def _mind_markers(self) -> None:
-        """Have the loop's flusher write what is pending once it is ``linger`` old."""
-        loop = asyncio.get_running_loop()
-        if self._pending_since is None:
-            self._pending_since = loop.time()
-        if not self._queued and not self._closed:
-            self._queued = True
-            MarkerFlusher.of(self.store, loop).due(self, self._pending_since + self.linger)
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def _not_written(self, rows: list[CheckpointRow], exc: BaseException, *, durable: bool) -> None:
-        """A write of ``rows`` did not commit. The run stops when its claim moved
-        on (the lease keeper cancels it as well), or when a state's progress is
-        unknown to the store or may be half known: it resumes from what
-        committed. Markers alone wait for the next commit, or the flusher."""
-        if isinstance(exc, LeaseLost) or (
-            isinstance(exc, StoreUnavailable) and (durable or exc.uncertain)
-        ):
-            self.broken = exc
-        elif not durable:
-            self._pending[:0] = rows
-            self._mind_markers()
+    def _start_background_flush(self) -> None:
+        self._timer = None
+        self._flusher = asyncio.get_running_loop().create_task(self._background_flush())
+
+    async def _background_flush(self) -> None:
+        try:
+            await self._write(durable=False)
+        except (LeaseLost, StoreUnavailable):
+            pass  # broken, or the rows stay pending for the next commit (see _write)
+        except Exception as exc:  # the rows stay pending: the next commit carries them
+            log.warning("progress markers of %s not written yet: %s", self.owner_id, exc)
+        finally:
+            self._flusher = None
+            if self._pending and self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self.linger, self._start_background_flush)
 
     async def _write(self, *, durable: bool, extra: CheckpointRow | None = None) -> None:
         async with self._write_lock:
-            await self._after_marker_flush()
             rows = self._take()
             if extra is not None:
                 rows.append(extra)
@@ -223,15 +214,26 @@ class FencedPersistence(PersistenceBackend):
                     durable=durable,
                     wait=wait,
                 )
-            except BaseException as exc:
-                self._not_written(rows, exc, durable=durable)
+            except StoreUnavailable as exc:
+                if durable or exc.uncertain:
+                    # a state's progress is unknown to the store, or may be half
+                    # known: this run stops here and resumes from what committed
+                    self.broken = exc
+                else:
+                    self._pending[:0] = rows  # markers only: the next commit carries them
+                raise
+            except LeaseLost as exc:
+                self.broken = exc  # the lease keeper cancels the run as well
+                raise
+            except BaseException:
+                if not durable:
+                    self._pending[:0] = rows  # not written: keep them for the next commit
                 raise
 
     async def load(self, key: str) -> bytes | None:
         if self.broken is not None:
             raise self.broken
         async with self._write_lock:  # not between a write's take and its commit
-            await self._after_marker_flush()
             try:
                 return await self._load(key)
             except StoreUnavailable as exc:
@@ -291,113 +293,6 @@ def _taken_at(raw: object) -> datetime | None:
     except ValueError:
         return None
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
-
-
-class MarkerFlusher:
-    """Writes the waiting progress markers of every run on one event loop, for
-    one store: those ``linger`` old go together, in one transaction (each
-    write fenced by its own claim), at most every ``GRAIN`` seconds.
-
-    A run's markers usually ride in its next durable commit and never come
-    here. A slow state's (an LLM call's) do: the machine waits seconds on the
-    network, and the timeline should show the state as running. One flusher
-    per loop, rather than a timer and a task per run, keeps that cheap when a
-    worker has a thousand such states in flight.
-    """
-
-    GRAIN = 0.05
-
-    _by_store: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary] = (
-        weakref.WeakKeyDictionary()
-    )
-
-    def __init__(self, store: Any, loop: asyncio.AbstractEventLoop):
-        self.store = store
-        self.loop = loop
-        self._heap: list[tuple[float, int, FencedPersistence]] = []
-        self._seq = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task | None = None
-
-    @classmethod
-    def of(cls, store: Any, loop: asyncio.AbstractEventLoop) -> MarkerFlusher:
-        loops = cls._by_store.get(store)
-        if loops is None:
-            loops = cls._by_store[store] = weakref.WeakKeyDictionary()
-        flusher = loops.get(loop)
-        if flusher is None:
-            flusher = loops[loop] = cls(store, loop)
-        return flusher
-
-    def due(self, backend: FencedPersistence, when: float) -> None:
-        """``backend``'s markers are to be written at ``when`` (loop time)."""
-        heapq.heappush(self._heap, (when, next(self._seq), backend))
-        if self._task is None:
-            if self._timer is not None and self._timer.when() <= when:
-                return
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._task = self.loop.create_task(self._flush())
-
-    def _take_due(self) -> list[tuple[FencedPersistence, list[CheckpointRow]]]:
-        now = self.loop.time()
-        batch = []
-        later = []
-        while self._heap and self._heap[0][0] <= now:
-            _, _, backend = heapq.heappop(self._heap)
-            if backend._closed or backend.broken is not None or not backend._pending:
-                backend._queued = False
-                continue
-            since = backend._pending_since
-            if since is not None and since + backend.linger > now:
-                later.append((since + backend.linger, backend))  # new markers since it queued
-            elif backend._write_lock.locked() or backend._marker_flush is not None:
-                later.append((now + self.GRAIN, backend))  # a commit of its own is in flight
-            else:
-                backend._marker_flush = self.loop.create_future()
-                backend._queued = False
-                batch.append((backend, backend._take()))
-        for when, backend in later:
-            heapq.heappush(self._heap, (when, next(self._seq), backend))
-        return batch
-
-    async def _flush(self) -> None:
-        try:
-            batch = self._take_due()
-            if batch:
-                await self._write(batch)
-        finally:
-            self._task = None
-            if self._heap:
-                when = max(self._heap[0][0], self.loop.time() + self.GRAIN)
-                self._timer = self.loop.call_at(when, self._fire)
-
-    async def _write(self, batch: list[tuple[FencedPersistence, list[CheckpointRow]]]) -> None:
-        writes = [(b.owner_id, b.claim.fence, rows) for b, rows in batch]
-        try:
-            outcomes = await self.store.save_markers(writes)
-        except Exception as exc:  # noqa: BLE001 - the store's trouble is every write's
-            outcomes = [(False, exc)] * len(batch)
-        except BaseException as exc:  # cancelled: nothing is known to have committed
-            self._settle(batch, [(False, exc)] * len(batch))
-            raise
-        self._settle(batch, outcomes)
-
-    def _settle(self, batch: list, outcomes: list[tuple[bool, Any]]) -> None:
-        for (backend, rows), (ok, value) in zip(batch, outcomes, strict=True):
-            done, backend._marker_flush = backend._marker_flush, None
-            if not ok and not backend._closed:
-                backend._not_written(rows, value, durable=False)
-                if not isinstance(value, LeaseLost | StoreUnavailable | asyncio.CancelledError):
-                    log.warning(
-                        "progress markers of %s not written yet: %s", backend.owner_id, value
-                    )
-            if done is not None and not done.done():
-                done.set_result(None)
 
 
 class StoreSignals:

@@ -116,46 +116,6 @@ def test_a_marker_left_alone_is_written_after_the_linger(store, tmp_path):
     assert run_async(store.get(ex_id)).current_state == "s1"
 
 
-def test_the_waiting_markers_of_many_runs_go_in_one_transaction(store, tmp_path):
-    """Slow states on one loop: their markers are written together, in one
-    transaction, each under its own claim's fence. A run whose claim moved on
-    writes nothing and alone learns it (its next save raises)."""
-    machine = chain_machine(tmp_path / "m.yml", ["add"])
-    ids = [submit(store, machine) for _ in range(4)]
-    claims = run_async(store.claim_many("w", ["default"], limit=4))
-    assert sorted(c.execution.id for c in claims) == sorted(ids)
-    stale, live = claims[0], claims[1:]
-    run_async(store.cancel(stale.execution.id))  # its fence moves on
-    group = store.db.progress_group
-
-    async def go():
-        backends = [FencedPersistence(store, c, linger=0.0) for c in live]
-        before = (group.commits, group.writes)
-        for b in backends:  # none of these saves waits: all are due together
-            await b.save(*_snap(b.owner_id, 1, "state_enter", "s1"))
-            await b.save(*_snap(b.owner_id, 1, "execute", "s1"))
-        while any(b._pending or b._marker_flush for b in backends):
-            await asyncio.sleep(0.01)
-        batched = (group.commits - before[0], group.writes - before[1])
-        refused = FencedPersistence(store, stale, linger=0.0)
-        await refused.save(*_snap(stale.execution.id, 1, "state_enter", "s1"))
-        while refused.broken is None:
-            await asyncio.sleep(0.01)
-        with pytest.raises(LeaseLost):
-            await refused.save(*_snap(stale.execution.id, 1, "state_exit", "s1"))
-        for b in backends:  # the live ones go on, after their markers
-            await b.save(*_snap(b.owner_id, 1, "state_exit", "s1"))
-            await b.close()
-        await refused.close()
-        return batched
-
-    assert run_async(asyncio.wait_for(go(), 60)) == (1, 3)
-    assert run_async(store.history(stale.execution.id)) == []
-    for claim in live:
-        events = [h.event for h in run_async(store.history(claim.execution.id))]
-        assert events == ["state_enter", "execute", "state_exit"]
-
-
 def test_a_marker_flushed_after_its_lease_was_lost_fails_the_next_save(store, tmp_path):
     ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add"]))
     stale = run_async(store.claim("w", ["default"]))
@@ -323,11 +283,6 @@ class GatedStore:
             self.held.set()
             await self.gate.wait()
         return await self.store.save_checkpoints(**kw)
-
-    async def save_markers(self, writes):
-        self.held.set()
-        await self.gate.wait()
-        return await self.store.save_markers(writes)
 
 
 def test_the_outcome_waits_for_a_marker_flush_in_flight(store, tmp_path):

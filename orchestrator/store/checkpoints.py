@@ -97,19 +97,6 @@ class Checkpoints:
 
         await self.db.on_cursor(tx, durable=durable)
 
-    async def save_markers(
-        self, writes: Sequence[tuple[str, int, Sequence[CheckpointRow]]]
-    ) -> list[tuple[bool, Any]]:
-        """Progress markers of several runs, ``(owner_id, fence, rows)`` each,
-        committed together without waiting for the disk (``save_checkpoints``
-        with ``durable=False``, in one transaction). Each write's outcome:
-        ``(True, None)``, or ``(False, error)`` (``LeaseLost`` when its claim
-        moved on: it wrote nothing, and the others still commit)."""
-        drv = self.db.progress_driver
-        first = self.db.dialect.progress_commit_sql()
-        fns = [FencedWrite(drv, owner, fence, rows, first) for owner, fence, rows in writes]
-        return await self.db.progress_group.run_all(fns)
-
     async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
         stmt = (
             sa.select(checkpoints.c.snapshot)

@@ -86,16 +86,6 @@ class GroupCommit:
         self._maybe_flush(loop, queue)
         return await future
 
-    async def run_all(self, fns: list[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
-        """``fns`` committed together (``max_batch`` to a transaction), each
-        alone should one of them refuse: each one's ``(ok, result or error)``.
-        An error of the store itself raises."""
-        outcomes: list[tuple[bool, Any]] = []
-        for i in range(0, len(fns), self.max_batch):
-            chunk = fns[i : i + self.max_batch]
-            outcomes += await self._call(lambda chunk=chunk: self._commit(chunk))
-        return outcomes
-
     def _queue(self, loop: asyncio.AbstractEventLoop) -> _Queue:
         last = self._last
         if last is not None and last[0]() is loop:

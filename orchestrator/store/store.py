@@ -150,7 +150,6 @@ class Store:
 
     save_checkpoint = _Verb("checkpoints")
     save_checkpoints = _Verb("checkpoints")
-    save_markers = _Verb("checkpoints")
     load_checkpoint = _Verb("checkpoints")
     latest_checkpoint = _Verb("checkpoints")
     latest_snapshot_ids = _Verb("checkpoints")
