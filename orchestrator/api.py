@@ -30,7 +30,7 @@ import yaml
 from . import schemas
 from .client import Client
 from .errors import OrchError, StoreUnavailable, UserError, WaitTimeout
-from .routing import names_in
+from .routing import missing_hooks
 from .settings import Settings
 from .store import Store
 from .store.outage import Backoff
@@ -265,19 +265,7 @@ class Orchestrator:
         """The hook names of each of ``needs`` that no live worker of ``queue`` can run."""
         if workers is None:
             workers = await self.store.list_workers(include_stopped=False)
-        live = [
-            set(w.hooks or [])
-            for w in workers
-            if w.status in ("active", "draining")
-            and queue in (w.queues or [])
-            and w.hooks is not None
-        ]
-        missing: set[str] = set()
-        for need in needs:
-            wanted = names_in(need)
-            if not any(wanted <= have for have in live):
-                missing |= wanted  # no one worker of the queue has them all
-        return sorted(missing)
+        return missing_hooks(queue, needs, [(w.status, w.queues, w.hooks) for w in workers])
 
     async def list(
         self,

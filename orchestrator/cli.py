@@ -400,32 +400,40 @@ async def _check_app(app: str | None) -> None:
 @click.pass_context
 def list_(ctx, status, queue, limit, parent, as_json):
     """Executions, newest first."""
-    settings = settings_from(ctx)
+    from . import quickread
 
-    async def body() -> None:
-        async with _orch(settings) as orch:
-            rows = await orch.list(status=status, queue=queue, limit=limit, parent=parent)
-        if as_json:
-            emit_json([execution_json(ex) for ex in rows])
-            return
-        _table(
-            ["id", "machine", "status", "queue", "state", "attempt", "recoveries", "updated"],
-            [
-                [
-                    ex.id,
-                    ex.machine,
-                    ex.status,
-                    ex.queue,
-                    ex.current_state or "",
-                    str(ex.attempt),
-                    str(ex.recoveries),
-                    iso(ex.updated_at),
-                ]
-                for ex in rows
-            ],
+    try:
+        docs = quickread.list_executions(
+            ctx.obj.get("db"), status=status, queue=queue, parent=parent, limit=limit
         )
+    except quickread.NotHere:
+        settings = settings_from(ctx)
 
-    run(body)
+        async def body() -> list[dict[str, Any]]:
+            async with _orch(settings) as orch:
+                rows = await orch.list(status=status, queue=queue, limit=limit, parent=parent)
+            return [execution_json(ex) for ex in rows]
+
+        docs = run(body)
+    if as_json:
+        emit_json(docs)
+        return
+    _table(
+        ["id", "machine", "status", "queue", "state", "attempt", "recoveries", "updated"],
+        [
+            [
+                d["id"],
+                d["machine"],
+                d["status"],
+                d["queue"],
+                d["current_state"] or "",
+                str(d["attempt"]),
+                str(d["recoveries"]),
+                d["updated_at"],
+            ]
+            for d in docs
+        ],
+    )
 
 
 @cli.command()
@@ -436,62 +444,70 @@ def list_(ctx, status, queue, limit, parent, as_json):
 @click.pass_context
 def show(ctx, execution_id, context_only, step, as_json):
     """One execution with its children and checkpoint history."""
-    settings = settings_from(ctx)
+    from . import quickread
+
     if step is not None and not context_only:
         fail("--step goes with --context (the context at that step)")
+    try:
+        if context_only:
+            raise quickread.NotHere
+        doc = quickread.show(ctx.obj.get("db"), execution_id)
+    except quickread.NotHere:
+        settings = settings_from(ctx)
 
-    async def body() -> None:
-        async with _orch(settings) as orch:
-            if context_only:
-                emit_json(await orch.context(execution_id, step))
-                return
-            ex = await orch.get(execution_id, detail=True)
-        doc = execution_json(ex)
-        if as_json:
-            emit_json(doc)
+        async def body() -> dict[str, Any] | None:
+            async with _orch(settings) as orch:
+                if context_only:
+                    emit_json(await orch.context(execution_id, step))
+                    return None
+                return execution_json(await orch.get(execution_id, detail=True))
+
+        doc = run(body)
+        if doc is None:
             return
-        for key in (
-            "id",
-            "machine",
-            "status",
-            "queue",
-            "attempt",
-            "recoveries",
-            "worker_id",
-            "current_state",
-            "created_at",
-            "updated_at",
-        ):
-            click.echo(f"{key:>14}: {doc[key]}")
-        if ex.status == "waiting" or doc["waiting_channel"]:
-            click.echo(f"{'waiting on':>14}: {doc['waiting_channel']}")
-        if doc["wake_at"]:
-            click.echo(f"{'wakes at':>14}: {doc['wake_at']}")
-        if doc["cancel_reason"]:
-            click.echo(f"{'cancelled for':>14}: {doc['cancel_reason']}")
-        if doc["needs"]:
-            click.echo(f"{'needs hooks':>14}: {doc['needs']}")
-        if doc.get("missing_hooks"):
-            click.echo(
-                f"{'waiting for':>14}: a worker with hooks {', '.join(doc['missing_hooks'])} "
-                "(start one with --app MODULE whose hooks_registry has them)"
-            )
-        click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
-        click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
-        if doc["error"]:
-            click.echo(f"{'error':>14}: {doc['error']}")
-        if doc["children"]:
-            click.echo("children:")
-            _table(
-                ["id", "machine", "status"],
-                [[c["id"], c["machine"], c["status"]] for c in doc["children"]],
-            )
-        _table(
-            ["step", "event", "state", "at"],
-            [[str(h["step"]), h["event"], h["state"] or "", h["at"]] for h in doc["history"]],
+    if as_json:
+        emit_json(doc)
+        return
+    for key in (
+        "id",
+        "machine",
+        "status",
+        "queue",
+        "attempt",
+        "recoveries",
+        "worker_id",
+        "current_state",
+        "created_at",
+        "updated_at",
+    ):
+        click.echo(f"{key:>14}: {doc[key]}")
+    if doc["status"] == "waiting" or doc["waiting_channel"]:
+        click.echo(f"{'waiting on':>14}: {doc['waiting_channel']}")
+    if doc["wake_at"]:
+        click.echo(f"{'wakes at':>14}: {doc['wake_at']}")
+    if doc["cancel_reason"]:
+        click.echo(f"{'cancelled for':>14}: {doc['cancel_reason']}")
+    if doc["needs"]:
+        click.echo(f"{'needs hooks':>14}: {doc['needs']}")
+    if doc.get("missing_hooks"):
+        click.echo(
+            f"{'waiting for':>14}: a worker with hooks {', '.join(doc['missing_hooks'])} "
+            "(start one with --app MODULE whose hooks_registry has them)"
         )
-
-    run(body)
+    click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
+    click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
+    if doc["error"]:
+        click.echo(f"{'error':>14}: {doc['error']}")
+    if doc["children"]:
+        click.echo("children:")
+        _table(
+            ["id", "machine", "status"],
+            [[c["id"], c["machine"], c["status"]] for c in doc["children"]],
+        )
+    _table(
+        ["step", "event", "state", "at"],
+        [[str(h["step"]), h["event"], h["state"] or "", h["at"]] for h in doc["history"]],
+    )
 
 
 @cli.command()

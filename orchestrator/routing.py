@@ -52,3 +52,23 @@ def runnable(needs_values: Iterable[str], hooks: Iterable[str]) -> list[str]:
     """Which of these needs a worker with ``hooks`` can run."""
     have = set(hooks)
     return sorted(v for v in set(needs_values) if names_in(v) <= have)
+
+
+def missing_hooks(
+    queue: str,
+    needs: Iterable[str],
+    workers: Iterable[tuple[str, list[str] | None, list[str] | None]],
+) -> list[str]:
+    """The hook names of each of ``needs`` that no live worker of ``queue`` can
+    run. ``workers``: each one's (status, queues, hooks)."""
+    live = [
+        set(hooks)
+        for status, queues, hooks in workers
+        if status in ("active", "draining") and queue in (queues or []) and hooks is not None
+    ]
+    missing: set[str] = set()
+    for need in needs:
+        wanted = names_in(need)
+        if not any(wanted <= have for have in live):
+            missing |= wanted  # no one worker of the queue has them all
+    return sorted(missing)

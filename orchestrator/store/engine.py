@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from ..errors import StoreUnavailable, UserError
+from ..revision import HEAD
 from . import outage
 from .dialect import dialect_of
 
@@ -273,10 +274,8 @@ class Driver:
 # ---------------------------------------------------------------- migrations
 
 
-# The schema revision this code needs. Alembic (and its migration scripts) is
-# loaded only to migrate, not on every open; a test holds this equal to the
-# scripts' head.
-HEAD = "0007"
+# The schema revision this code needs (revision.py). Alembic (and its migration
+# scripts) is loaded only to migrate, not on every open.
 
 
 def _alembic_config() -> Any:
