@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from flatmachines import HooksRegistry, MachineHooks
 
 from orchestrator.client import Client
+from orchestrator.clock import utcnow
 from orchestrator.errors import LeaseLost, StoreUnavailable
 from orchestrator.settings import Settings
 from orchestrator.store import CheckpointRow, Claim, Store
@@ -308,3 +309,75 @@ def test_completions_and_checkpoints_in_one_batch(db_url, tmp_path, faults):
         assert worker.completed == 2
     finally:
         run_async(store.close())
+
+
+def test_fenced_writes_reach_their_rows_by_primary_key_on_a_new_table(db_url, tmp_path):
+    """A new table has no planner statistics (and statistics taken while every
+    row was queued make `status = 'running'` look rare): a batch's fenced write
+    and the lease renewal must still reach their rows through the primary key,
+    not walk the running rows through a status index per row or per batch."""
+    from orchestrator.store import fenced
+    from orchestrator.store.executions import lease_renewal
+
+    settings = Settings(database_url=db_url)
+    store = run_async(Store.open(settings))
+    try:
+        run_async(store.register_worker("w-1", host="h", pid=1, queue_names=["default"]))
+        claims = _claimed(store, settings, _machine(tmp_path / "m.yml"), 300)
+        batch = [
+            fenced.FencedWrite(store.db.driver, c.execution.id, c.fence, [_exit_row(c)])
+            for c in claims[:50]
+        ]
+        renewal = lease_renewal("w-1", [c.execution.id for c in claims[:50]], utcnow())
+
+        def plans(conn):
+            cur = store.db.cursor(conn)
+            out = {}
+            if store.db.dialect.name == "postgresql":
+                # never analyzed: what a fresh install plans its first burst with
+                assert (
+                    conn.exec_driver_sql(
+                        "SELECT reltuples FROM pg_class WHERE oid = 'executions'::regclass"
+                    ).scalar()
+                    == -1
+                )
+
+                class Explain:  # the batch's own statement and parameters, explained
+                    def execute(self, sql, params=None):
+                        cur.execute("EXPLAIN " + sql, params)
+                        out["batch"] = "\n".join(r[0] for r in cur.fetchall())
+                        cur.execute("SELECT 1 WHERE false")
+
+                    def __getattr__(self, name):
+                        return getattr(cur, name)
+
+                assert fenced.mergeable(store.db.driver, batch)
+                fenced.run_merged(Explain(), store.db.driver, batch)
+                explain = "EXPLAIN "
+            else:
+                held = fenced.RAW_HELD.replace("?", "'x'", 1).replace("?", "1")
+                cur.execute(f"EXPLAIN QUERY PLAN UPDATE executions SET step = 1 {held}")
+                out["batch"] = "\n".join(str(r[-1]) for r in cur.fetchall())
+                explain = "EXPLAIN QUERY PLAN "
+            text = renewal.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+            out["renewal"] = "\n".join(
+                str(r[-1]) for r in conn.exec_driver_sql(explain + str(text))
+            )
+            return out  # explained, nothing run
+
+        found = run_async(store.db.read(plans))
+    finally:
+        run_async(store.close())
+    if db_url.startswith("postgresql"):
+        update = found["batch"].split("CTE ins")[0]  # the fenced update of the rows
+        assert "Update on executions e" in update, found["batch"]
+        assert "ix_executions" not in update, found["batch"]  # no status index walk
+        # the locking subquery runs once, then each row it locked by primary key
+        assert found["renewal"].count("LockRows") == 1, found["renewal"]
+        assert "SubPlan" not in found["renewal"], found["renewal"]
+        assert "Index Scan using pk_executions on executions " in found["renewal"]
+    else:
+        assert "USING INDEX sqlite_autoindex_executions_1 (id=?)" in found["batch"], found
+        outer, *rest = found["renewal"].splitlines()
+        assert "sqlite_autoindex_executions_1 (id=?)" in outer, found
+        assert "LIST SUBQUERY" in found["renewal"] and "CORRELATED" not in found["renewal"]

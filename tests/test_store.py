@@ -227,31 +227,3 @@ def test_a_claim_of_several_by_hooks_takes_the_best_it_can_run(store):
         assert claim(["alpha", "beta"], 3) == ["ab-mid", "a-new", "ab-old"]  # two, merged
         assert claim(["alpha", "beta"], 3) == []
     assert run_async(store.get("c-top")).status == "queued"  # nobody here runs gamma
-
-
-def test_a_bulk_submit_gives_the_planner_fresh_statistics(store, db_url):
-    """A burst into a table PostgreSQL has never analyzed would be planned as if
-    it were empty; a submit of BULK_SUBMIT or more analyzes it. SQLite plans by
-    rule and gets no statistics table."""
-    from orchestrator.store.executions import BULK_SUBMIT
-
-    def stats() -> float | None:
-        def read(conn):
-            if store.db.dialect.name == "postgresql":
-                return conn.exec_driver_sql(
-                    "SELECT reltuples FROM pg_class WHERE oid = 'executions'::regclass"
-                ).scalar()
-            return conn.exec_driver_sql(
-                "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
-            ).scalar()
-
-        return run_async(store.db.read(read))
-
-    seed(store, *(new(f"few-{i}") for i in range(10)))
-    before = stats()
-    seed(store, *(new(f"many-{i}") for i in range(BULK_SUBMIT)))
-    if db_url.startswith("sqlite"):
-        assert before == stats() == 0
-    else:
-        assert before == -1  # never analyzed: a few rows do not analyze it
-        assert stats() == BULK_SUBMIT + 10

@@ -90,14 +90,6 @@ class Database:
         except Exception:  # noqa: BLE001 - the workers' poll is the fallback
             pass
 
-    async def analyze(self, table: str) -> None:
-        """Fresh planner statistics for ``table``, after a bulk insert. Never
-        fails a caller whose own transaction committed."""
-        try:
-            await self.run(lambda conn: self.dialect.analyze(conn, table), write=True, patience=0)
-        except Exception:  # noqa: BLE001 - autovacuum analyzes it in time anyway
-            pass
-
     @staticmethod
     def cursor(conn: sa.Connection) -> Any:
         """The driver's own cursor inside a Core transaction, for a raw statement

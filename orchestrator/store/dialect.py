@@ -86,9 +86,6 @@ class Dialect:
     def lock_migrations(self, conn: sa.Connection) -> None:
         """Serialise concurrent schema upgrades (SQLite's write lock already does)."""
 
-    def analyze(self, conn: sa.Connection, table: str) -> None:
-        """Fresh planner statistics for ``table`` (PostgreSQL; SQLite plans by rule)."""
-
 
 class SQLite(Dialect):
     name = "sqlite"
@@ -196,9 +193,6 @@ class PostgreSQL(Dialect):
 
     def lock_migrations(self, conn: sa.Connection) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
-
-    def analyze(self, conn: sa.Connection, table: str) -> None:
-        conn.exec_driver_sql(f"ANALYZE {table}")
 
 
 def dialect_of(url: URL) -> Dialect:
