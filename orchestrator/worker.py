@@ -12,6 +12,7 @@ a stopped process (SIGSTOP, a crash) does, and its executions move on.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -36,6 +37,25 @@ from .settings import Settings
 from .store import Claim, Store
 from .store.outage import Backoff
 from .store.wake import WakeListener
+
+# CPython collects its oldest generation by the count of objects allocated, so a
+# worker with 1,000 executions in flight (and a few hundred thousand objects
+# from its start-up: the engine, the library, the app) ran a full collection
+# every second or so, each a pause of the event loop of about 90 ms: 1.9 s of
+# a 12.7 s W6 run at 5,000 / 1,000. Fewer, later collections, and none over
+# what start-up made, cost no memory there (peak RSS 110 MiB either way).
+GC_THRESHOLDS = (20_000, 20, 50)
+
+
+def settle_gc() -> None:
+    """Tune the garbage collector for a process that is a worker and nothing
+    else (`orch worker`; an application that embeds a worker keeps its own):
+    what start-up made is frozen out of every collection, and collections come
+    less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
 
 log = logging.getLogger(__name__)
 # the most executions one claim transaction takes

@@ -319,3 +319,22 @@ def test_an_idle_worker_is_woken_by_a_submit_not_by_its_poll(
     )
     w.signal(signal.SIGTERM)
     assert w.wait() == 0
+
+
+def test_a_worker_process_settles_its_garbage_collector():
+    """`orch worker` freezes what start-up made out of every collection and
+    collects less often (worker.settle_gc); the thresholds come back after."""
+    import gc
+
+    from orchestrator.worker import GC_THRESHOLDS, settle_gc
+
+    before = gc.get_threshold()
+    gc.unfreeze()
+    try:
+        settle_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > before[0]
+        assert gc.get_freeze_count() > 0  # the objects alive now are out of every collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
