@@ -78,12 +78,19 @@ async def _measure(db_url: str, n: int, proc, timeout: float) -> dict[str, Any]:
         await store.close()
 
 
-def run_orch(cfg: Config, backend: str, n: int, concurrency: int) -> dict[str, Any]:
+def run_orch(
+    cfg: Config, backend: str, n: int, concurrency: int, processes: int = 1
+) -> dict[str, Any]:
+    """One run; with ``processes`` > 1, `orch worker --processes` shares
+    ``concurrency`` among its processes (its RSS is then the supervisor's alone)."""
     with fresh_db(backend, cfg, "w6") as (db_url, tmp):
         from bench.w1_throughput import _migrate
 
         asyncio.run(_migrate(db_url))
-        proc = start_orch_worker(db_url, tmp / "worker.log", "--concurrency", str(concurrency))
+        args = ["--concurrency", str(concurrency // processes)]
+        if processes > 1:
+            args += ["--processes", str(processes)]
+        proc = start_orch_worker(db_url, tmp / "worker.log", *args)
         try:
             # the worker is up (and idle) before anything is submitted
             time.sleep(2.0)
@@ -155,6 +162,32 @@ def run(cfg: Config) -> WorkloadResult:
                 1.5,
                 op="<=",
             )
+        # the same largest arrangement over the host's cores: one command,
+        # `orch worker --processes 2`, each process half the concurrency
+        n, c = sizes[-1]
+        runs = []
+        try:
+            for _ in range(cfg.repeats):
+                print(f"  W6 {tag}, {n:,} at 2 processes x {c // 2} ...", flush=True)
+                out = run_orch(cfg, backend, n, c, processes=2)
+                if out["bad"]:
+                    raise RuntimeError(f"{out['bad']} executions did not complete right")
+                runs.append(out["seconds"])
+                print(f"    {out['seconds']:.2f} s", flush=True)
+            ideal = n / c * 3 * SLEEP
+            row = result.row(
+                f"orch-{backend}-{n}-processes",
+                f"flatorch {tag}: {n:,} at --processes 2 --concurrency {c // 2}",
+                "s",
+                runs,
+            )
+            result.ratio(
+                f"{tag}, {n:,} at 2 processes x {c // 2}: time / ideal ({ideal:.1f} s) "
+                "(informational)",
+                row["median"] / ideal if row["median"] else None,
+            )
+        except Exception as exc:  # noqa: BLE001
+            result.fail(f"{tag}, {n:,} at 2 processes", describe_exception(exc))
         n, c = sizes[0]
         try:
             print(f"  W6 DBOS {tag}, {n:,} at worker_concurrency {c} ...", flush=True)
