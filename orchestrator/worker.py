@@ -60,6 +60,8 @@ def settle_gc() -> None:
 log = logging.getLogger(__name__)
 # the most executions one claim transaction takes
 CLAIM_BATCH = 64
+# seconds before a lease renewal that the store did not answer is tried again
+RETRY_RENEWAL = 0.5
 
 
 def process_alive(pid: int, since: datetime) -> bool:
@@ -126,16 +128,22 @@ class LeaseKeeper(threading.Thread):
         # its own engine and pool; a renewal that cannot be made in one interval
         # gives way to the next tick's (the lease has two more)
         store = Store.lazy(w.settings, patience=min(w.settings.store_patience, interval / 2))
+        wait = interval
         try:
-            while not self._stop_event.wait(interval):
+            while not self._stop_event.wait(wait):
                 try:
                     lost, status = await store.renew_leases(w.id, w.held_leases())
                     paused = await store.paused_queues(w.options.queues)
                 except StoreUnavailable:
-                    continue  # the store logs the outage once; the next tick tries again
+                    # the store logs the outage once; try again soon, not a tick
+                    # later, so the leases are renewed as soon as it answers
+                    wait = min(interval, RETRY_RENEWAL)
+                    continue
                 except Exception:
                     log.exception("lease renewal failed")
+                    wait = min(interval, RETRY_RENEWAL)
                     continue
+                wait = interval
                 w.on_renewed(lost, status)
                 w.paused = frozenset(paused)
         finally:
