@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .clock import iso
 from .errors import StoreUnavailable, UserError, WaitTimeout
 
 # the engine (SQLAlchemy, flatmachines) loads in the commands that use it, so
@@ -44,10 +45,6 @@ def load_machine_file(path: str) -> Any:
     from .machine_config import load_machine_file as load
 
     return load(path)
-
-
-def iso(value: Any) -> str | None:
-    return value.isoformat(timespec="milliseconds") + "Z" if value else None
 
 
 T = TypeVar("T")

@@ -14,3 +14,8 @@ def lease_deadline(now: datetime, ttl_seconds: float) -> datetime:
 def renew_interval(ttl_seconds: float) -> float:
     """Renew three times per TTL: one missed renewal never costs the lease."""
     return ttl_seconds / 3
+
+
+def iso(value: datetime | None) -> str | None:
+    """A naive-UTC time as the API and `orch` print it: ISO 8601, milliseconds, Z."""
+    return value.isoformat(timespec="milliseconds") + "Z" if value else None

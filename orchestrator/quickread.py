@@ -26,6 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import clock
 from .revision import HEAD
 from .routing import missing_hooks
 
@@ -84,10 +85,8 @@ class NotHere(Exception):
 
 
 def iso(text: str | None) -> str | None:
-    """A SQLite DATETIME text as the API prints it (ISO 8601, milliseconds, Z)."""
-    if text is None:
-        return None
-    return datetime.fromisoformat(text).isoformat(timespec="milliseconds") + "Z"
+    """A SQLite DATETIME text as the API prints it."""
+    return clock.iso(datetime.fromisoformat(text)) if text is not None else None
 
 
 def sqlite_file(url: str | None) -> Path | None:

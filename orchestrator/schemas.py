@@ -8,13 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer
 
+from .clock import iso
 from .store import records
-
-
-def iso(value: datetime | None) -> str | None:
-    """Naive UTC as ISO 8601 with milliseconds and a Z."""
-    return value.isoformat(timespec="milliseconds") + "Z" if value else None
-
 
 Timestamp = Annotated[datetime | None, PlainSerializer(iso, return_type=str | None)]
 

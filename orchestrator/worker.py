@@ -128,22 +128,22 @@ class LeaseKeeper(threading.Thread):
         # its own engine and pool; a renewal that cannot be made in one interval
         # gives way to the next tick's (the lease has two more)
         store = Store.lazy(w.settings, patience=min(w.settings.store_patience, interval / 2))
+        retry = min(interval, RETRY_RENEWAL)
         wait = interval
         try:
             while not self._stop_event.wait(wait):
+                wait = interval
                 try:
                     lost, status = await store.renew_leases(w.id, w.held_leases())
                     paused = await store.paused_queues(w.options.queues)
                 except StoreUnavailable:
                     # the store logs the outage once; try again soon, not a tick
                     # later, so the leases are renewed as soon as it answers
-                    wait = min(interval, RETRY_RENEWAL)
+                    wait = retry
                     continue
                 except Exception:
                     log.exception("lease renewal failed")
-                    wait = min(interval, RETRY_RENEWAL)
                     continue
-                wait = interval
                 w.on_renewed(lost, status)
                 w.paused = frozenset(paused)
         finally:
