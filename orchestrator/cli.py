@@ -16,7 +16,6 @@ os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
 import asyncio
 import json
 import logging
-import signal as signals_module
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -91,18 +90,28 @@ async def open_waiting(settings: Settings) -> Orchestrator:
         waited.append(why)
         click.echo(f"orch: waiting for the database: {why}", err=True)
 
+    from . import stopsignal
+
+    def stop() -> None:
+        stopsignal.note()
+        opening.cancel()
+
     loop = asyncio.get_running_loop()
     opening = asyncio.ensure_future(orch.open(wait=True, on_wait=say))
-    for sig in (signals_module.SIGTERM, signals_module.SIGINT):
-        loop.add_signal_handler(sig, opening.cancel)
+    for sig in stopsignal.STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    if stopsignal.received():  # a stop that came while the command started
+        opening.cancel()
     try:
         await opening
     except asyncio.CancelledError:
-        click.echo("orch: stopped while waiting for the database", err=True)
+        why = "waiting for the database" if waited else "starting"
+        click.echo(f"orch: stopped while {why}", err=True)
         sys.exit(0)
     finally:
-        for sig in (signals_module.SIGTERM, signals_module.SIGINT):
+        for sig in stopsignal.STOP_SIGNALS:
             loop.remove_signal_handler(sig)
+        stopsignal.rehold()  # until the worker or scheduler installs its own
     if waited:
         click.echo("orch: the database is answering; starting", err=True)
     return orch
@@ -347,6 +356,9 @@ async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, del
 @click.pass_context
 def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, processes):
     """Claim and run executions; SIGTERM/SIGINT drains."""
+    from . import stopsignal
+
+    stopsignal.hold()  # a SIGTERM while starting stops it cleanly, not half-started
     from .app import load_agent_adapters, load_hooks_registry
 
     if processes < 1:
@@ -877,6 +889,10 @@ def _run_scheduler(
     log_dir: str,
     policy: tuple[str, int, int] | None = None,
 ) -> None:
+    from . import stopsignal
+
+    stopsignal.hold()  # a SIGTERM while starting stops it cleanly, not half-started
+
     async def body() -> None:
         if app:
             from .app import load_hooks_registry

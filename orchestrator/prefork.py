@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from . import stopsignal
 from .supervise import die_with_parent
 
 log = logging.getLogger("orchestrator.prefork")
@@ -66,6 +67,8 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        if stopsignal.received():  # a stop that came while the command started
+            return 0
         for slot in self.slots:
             self.start(slot)
         while True:

@@ -24,6 +24,7 @@ from flatmachines.agents import AgentAdapterRegistry
 
 import machines
 
+from . import stopsignal
 from .clock import utcnow
 from .cron import next_fire
 from .errors import StoreUnavailable
@@ -143,6 +144,8 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        if stopsignal.received():  # a stop that came while the command started
+            self._stopping.set()
         ttl = self.settings.lease_ttl
         jobs = AsyncIOScheduler(timezone="UTC")
         common = dict(max_instances=1, coalesce=True, misfire_grace_time=None)

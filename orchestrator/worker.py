@@ -29,6 +29,7 @@ from flatmachines.agents import AgentAdapterRegistry
 
 import machines
 
+from . import stopsignal
 from .app import registered_names
 from .clock import renew_interval
 from .errors import StoreUnavailable
@@ -496,6 +497,8 @@ class Worker:
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._on_stop_signal)
+        if stopsignal.received():  # a stop that came while `orch worker` started
+            self._on_stop_signal()
 
     def _remove_signal_handlers(self) -> None:
         assert self._loop is not None

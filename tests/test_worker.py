@@ -231,6 +231,7 @@ def test_routing_a_worker_never_claims_what_it_cannot_run(
     machine = chain_machine(tmp_path / "m.yml", ["add", "add"])
     ids = submit(db_url, machine, [{}] * 12)
     hookless = workers(db_url, "--concurrency", "4", **worker_env(effects))  # no --app
+    wait_until(lambda: run_async(store.list_workers()), what="the hookless worker polling")
     capable = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
     assert capable.wait() == 0
     rows = [get(store, i) for i in ids]
@@ -251,6 +252,46 @@ def test_routing_a_worker_never_claims_what_it_cannot_run(
     assert "--app" in orch("show", late, db_url=db_url).stdout
     [queue] = json.loads(orch("queues", "--json", db_url=db_url).stdout)
     assert queue["waiting_for_hooks"] == ["effects"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["worker"], ["worker", "--processes", "2"], ["scheduler"], ["up", "--min", "1"]],
+    ids=["worker", "processes", "scheduler", "up"],
+)
+def test_sigterm_while_starting_stops_cleanly_and_claims_nothing(
+    db_url, store, tmp_path, effects, command
+):
+    """A stop signal that comes before the command's loop is up (here: while its
+    --app is still importing) is not a kill: the command exits 0, starts no
+    worker, and claims nothing."""
+    import subprocess
+    import sys
+
+    from .conftest import orch_env
+
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    [ex_id] = submit(db_url, machine, [{}])
+    starting, go = tmp_path / "starting", tmp_path / "go"
+    env = orch_env(
+        db_url, ORCH_TEST_STARTING=str(starting), ORCH_TEST_GO=str(go), **worker_env(effects)
+    )
+    args = [*command, "--app", "slowstart", "--log-dir", str(tmp_path / "logs")]
+    if command[0] == "worker":
+        args = args[:-2]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], env=env)
+    try:
+        wait_until(starting.exists, what="the command importing its app")
+        proc.send_signal(signal.SIGTERM)
+        go.touch()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert int(starting.read_text()) == proc.pid  # it was held in its own start-up
+    ex = get(store, ex_id)
+    assert ex.status == "queued" and ex.fence == 0 and ex.attempt == 1
+    assert all(w.status == "stopped" for w in run_async(store.list_workers()))
 
 
 def test_blocking_hook_longer_than_ttl_keeps_its_lease(db_url, store, tmp_path, effects, workers):
