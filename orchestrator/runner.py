@@ -28,7 +28,7 @@ import logging
 import traceback
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -61,6 +61,24 @@ MAX_STEPS = 1_000_000
 # PinnedMachine._save_checkpoint writes the library's snapshot fields itself,
 # in the library's order; were they ever to differ, it takes the library's path
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(MachineSnapshot))
+_OWN_ENCODING = _SNAPSHOT_FIELDS == (
+    "execution_id",
+    "machine_name",
+    "spec_version",
+    "current_state",
+    "context",
+    "step",
+    "created_at",
+    "event",
+    "output",
+    "total_api_calls",
+    "total_cost",
+    "parent_execution_id",
+    "pending_launches",
+    "waiting_channel",
+    "tool_loop_state",
+    "config_hash",
+)
 
 
 def _refuse(value: Any) -> Any:
@@ -85,6 +103,15 @@ def _snapshot_encoder() -> Any:
 
 
 _encode_snapshot = _snapshot_encoder()
+
+
+def _value(value: Any) -> str:
+    """One JSON value as ``json.dumps`` writes it (None and int at once)."""
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return int.__repr__(value)
+    return _encode_snapshot(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +141,11 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     ):
         self._pinned_raw = pinned
         self._hook_threads = hook_threads
+        # snapshot text (see _snapshot_text): the run's fixed fields, encoded
+        # once; the last state_enter's text, and the count of hooks called
+        self._fixed_text: tuple | None = None
+        self._entered: tuple | None = None
+        self._hooks_called = 0
         super().__init__(**kwargs)
         # no re-hash and no re-put of the config per execution
         self._config_hash = config_hash
@@ -166,42 +198,28 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         if (
             event not in self.checkpoint_events
             or self._config_hash is None
+            or not _OWN_ENCODING
             or not isinstance(persistence, FencedPersistence)
         ):
             return await super()._save_checkpoint(
                 event, state_name, step, context, output, waiting_channel, tool_loop_state
             )
-        checkpoint_context = dict(context)
-        machine = checkpoint_context.get("machine")
-        if isinstance(machine, MappingProxyType):
-            checkpoint_context["machine"] = dict(machine)
-        taken = datetime.now(UTC)
-        fields = {
-            "execution_id": self.execution_id,
-            "machine_name": self.machine_name,
-            "spec_version": self.spec_version,
-            "current_state": state_name,
-            "context": checkpoint_context,
-            "step": step,
-            "created_at": taken.isoformat(),
-            "event": event,
-            "output": output,
-            "total_api_calls": self.total_api_calls,
-            "total_cost": self.total_cost,
-            "parent_execution_id": self.parent_execution_id,
-            "pending_launches": self._get_pending_intents() if self._pending_launches else None,
-            "waiting_channel": waiting_channel,
-            "tool_loop_state": tool_loop_state,
-            "config_hash": self._config_hash,
-        }
+        taken = utcnow()
         try:
-            if tuple(fields) != _SNAPSHOT_FIELDS:
-                raise TypeError("the library's snapshot has other fields")
-            encoded = _encode_snapshot(fields).encode("utf-8")
+            before, after = self._snapshot_text(
+                event, state_name, step, context, output, waiting_channel, tool_loop_state
+            )
+            text = (
+                f'{before}"created_at": "{taken.isoformat()}+00:00", '
+                f'"event": {_encode_snapshot(event)}{after}'
+            )
         except (TypeError, ValueError, OverflowError, RecursionError):
+            self._entered = None
             return await super()._save_checkpoint(
                 event, state_name, step, context, output, waiting_channel, tool_loop_state
             )
+        if event == "state_enter" and not self._pending_launches:
+            self._entered = (step, state_name, context, self._hooks_called, before, after)
         await persistence.save_row(
             CheckpointRow(
                 execution_id=self.execution_id,
@@ -209,10 +227,77 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
                 step=step,
                 event=event,
                 state=state_name,
-                snapshot=encoded,
-                at=taken.replace(tzinfo=None),
+                snapshot=text.encode("utf-8"),
+                at=taken,
             )
         )
+
+    def _snapshot_text(
+        self,
+        event: str,
+        state_name: str,
+        step: int,
+        context: dict[str, Any],
+        output: Any,
+        waiting_channel: str | None,
+        tool_loop_state: Any,
+    ) -> tuple[str, str]:
+        """A snapshot's JSON around its two fields that change on every save
+        (``created_at`` and ``event``): the text before them and after them.
+
+        The fields that never change in a run are encoded once. A state's
+        ``execute`` snapshot follows its ``state_enter`` with nothing run in
+        between when its ``on_state_enter`` is the library's pass-through: the
+        same context object, step and state, so the same text, which is not
+        encoded again.
+        """
+        entered = self._entered
+        if (
+            event == "execute"
+            and entered is not None
+            and entered[0] == step
+            and entered[1] == state_name
+            and entered[2] is context
+            and entered[3] == self._hooks_called
+            and output is None
+            and waiting_channel is None
+            and tool_loop_state is None
+            and not self._pending_launches
+        ):
+            return entered[4], entered[5]
+        fixed = (
+            self.execution_id,
+            self.machine_name,
+            self.spec_version,
+            self.parent_execution_id,
+            self._config_hash,
+        )
+        parts = self._fixed_text
+        if parts is None or parts[0] != fixed:
+            head = (
+                f'{{"execution_id": {_value(fixed[0])}, "machine_name": {_value(fixed[1])}, '
+                f'"spec_version": {_value(fixed[2])}, "current_state": '
+            )
+            parent = f', "parent_execution_id": {_value(fixed[3])}'
+            tail = f', "config_hash": {_value(fixed[4])}}}'
+            parts = self._fixed_text = (fixed, head, parent, tail)
+        _, head, parent, tail = parts
+        checkpoint_context = dict(context)
+        machine = checkpoint_context.get("machine")
+        if isinstance(machine, MappingProxyType):
+            checkpoint_context["machine"] = dict(machine)
+        pending = self._get_pending_intents() if self._pending_launches else None
+        before = (
+            f"{head}{_value(state_name)}, "
+            f'"context": {_encode_snapshot(checkpoint_context)}, "step": {_value(step)}, '
+        )
+        after = (
+            f', "output": {_value(output)}, "total_api_calls": {_value(self.total_api_calls)}, '
+            f'"total_cost": {_value(self.total_cost)}{parent}, '
+            f'"pending_launches": {_value(pending)}, "waiting_channel": {_value(waiting_channel)}, '
+            f'"tool_loop_state": {_value(tool_loop_state)}{tail}'
+        )
+        return before, after
 
     async def _execute_state(self, state_name: str, context: dict[str, Any]) -> Any:
         self.running_state = state_name  # a wait's deadline is its state's `timeout`
@@ -234,6 +319,7 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         given = passes_through(hooks, method_name)
         if given is not None:
             return args[given]  # the library's default: it hands back what it was given
+        self._hooks_called += 1  # it may change the context: no snapshot text is reused
         return await super()._run_hook(hooks, method_name, *args)
 
 

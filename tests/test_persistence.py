@@ -328,11 +328,22 @@ class OddContextHooks(CountingHooks):
         return context
 
 
-def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path):
-    # The runner's machine encodes snapshots itself (no asdict deep copy):
-    # every stored snapshot must decode to a MachineSnapshot whose library
-    # encoding is exactly the stored bytes, and one with a context that plain
-    # JSON refuses goes through the library's own lenient path.
+class EnteringHooks(OddContextHooks):
+    """Also an on_state_enter that changes the context, between a state's
+    state_enter snapshot and its execute snapshot."""
+
+    def on_state_enter(self, state_name, context):
+        context["entered"] = state_name
+        return context
+
+
+@pytest.mark.parametrize("hooks_class", [OddContextHooks, EnteringHooks])
+def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path, hooks_class):
+    # The runner's machine encodes snapshots itself (no asdict deep copy, the
+    # fixed fields once, a pass-through state's execute snapshot from its
+    # state_enter text): every stored snapshot must decode to a MachineSnapshot
+    # whose library encoding is exactly the stored bytes, and one with a
+    # context that plain JSON refuses goes through the library's own lenient path.
     from dataclasses import asdict
 
     from flatmachines.persistence import CheckpointManager, MachineSnapshot
@@ -340,7 +351,7 @@ def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path):
     ex_id = submit(store, chain_machine(tmp_path / "m.yml", ["add", "add", "add"]))
     claim = run_async(store.claim("w", ["default"]))
     runs: dict = {}
-    outcome = run_async(Runner(store, registry_for(OddContextHooks(runs))).run(claim))
+    outcome = run_async(Runner(store, registry_for(hooks_class(runs))).run(claim))
     assert outcome.status == "completed" and outcome.output["acc"] == 3
     history = run_async(store.history(ex_id))
     assert len(history) == 17  # machine_start, 3 per state of 5, machine_end
@@ -354,6 +365,14 @@ def test_snapshots_are_the_bytes_the_library_would_write(store, tmp_path):
             entry.state,
         )
         assert library._safe_serialize(asdict(snapshot)).encode() == stored
+        if (
+            hooks_class is EnteringHooks
+            and entry.event in ("execute", "state_exit")
+            and (
+                entry.state != "start"  # the one state without the hooks
+            )
+        ):
+            assert snapshot.context["entered"] == entry.state  # its own hook's change
         if entry.step > 3 or (entry.step, entry.event) == (3, "state_exit"):  # s2 acted
             assert snapshot.context["tags"] == "{'only'}"
             assert snapshot.context["nested"]["text"] == 'é "quoted"'

@@ -47,7 +47,14 @@ class Database:
         self._threads = StoreThreads(POOL_SIZE, "store")
         # the hot writes of this process's executions share commits (group.py)
         self.group = GroupCommit(self.driver, self.call)
-        self.progress_group = GroupCommit(self.progress_driver, self.call)
+        if self.dialect.name == "sqlite":
+            # One writer at a time: a group of its own for the markers would only
+            # take turns with this one for the write lock, each turn a commit and a
+            # hand-over between threads. They share this group's commits instead
+            # (which wait for the disk; on this store that is well under a ms).
+            self.progress_group = self.group
+        else:
+            self.progress_group = GroupCommit(self.progress_driver, self.call)
 
     async def run(
         self,
