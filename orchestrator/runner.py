@@ -25,10 +25,12 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import traceback
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from types import MappingProxyType
 from typing import Any
 
@@ -103,14 +105,21 @@ def _snapshot_encoder() -> Any:
 
 
 _encode_snapshot = _snapshot_encoder()
+_quote = encode_basestring_ascii  # a str, as json.dumps writes it
 
 
 def _value(value: Any) -> str:
-    """One JSON value as ``json.dumps`` writes it (None and int at once)."""
+    """One JSON value as ``json.dumps`` writes it (a string, None, an int or a
+    finite float without the encoder's call)."""
+    kind = type(value)
+    if kind is str:
+        return _quote(value)
     if value is None:
         return "null"
-    if type(value) is int:
+    if kind is int:
         return int.__repr__(value)
+    if kind is float and math.isfinite(value):
+        return float.__repr__(value)
     return _encode_snapshot(value)
 
 
@@ -211,7 +220,7 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
             )
             text = (
                 f'{before}"created_at": "{taken.isoformat()}+00:00", '
-                f'"event": {_encode_snapshot(event)}{after}'
+                f'"event": {_value(event)}{after}'
             )
         except (TypeError, ValueError, OverflowError, RecursionError):
             self._entered = None
