@@ -10,6 +10,7 @@ connection (tests/faults.py), on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 
 import pytest
@@ -27,6 +28,7 @@ from .conftest import run_async, write_machine
 from .faults import StatementFaults
 
 N = 4
+MERGED_SQLITE = "UPDATE executions SET updated_at = ?1,"
 
 
 @pytest.fixture
@@ -239,6 +241,59 @@ def test_a_write_refused_by_its_fence_fails_alone(db_url, tmp_path):
         run_async(store.close())
 
 
+def test_a_held_batch_is_one_fenced_update(db_url, tmp_path, faults):
+    """Many checkpoint commits and completions whose fences hold: one update
+    statement for all of them (PostgreSQL: with their rows), and on SQLite
+    their rows in a few inserts, not two statements per write. Each lands."""
+    settings = Settings(database_url=db_url, store_patience=0)
+    store = run_async(Store.open(settings))
+    try:
+        run_async(store.register_worker("w-1", host="h", pid=1, queue_names=["default"]))
+        claims = _claimed(store, settings, _machine(tmp_path / "m.yml"), 40)
+        first, *rest = claims
+
+        async def all_at_once():
+            def save(c):
+                rows = [_exit_row(c)] * (1 + len(c.execution.id) % 3)  # 1-3 rows each
+                return store.save_checkpoints(owner_id=c.execution.id, fence=c.fence, rows=rows)
+
+            def complete(c):
+                return store.finish(
+                    c, status="completed", output={"by": c.execution.id}, checkpoints=[]
+                )
+
+            return await asyncio.gather(
+                save(first),  # commits at once; the rest wait for it, then go together
+                *(save(c) if i % 4 else complete(c) for i, c in enumerate(rest)),
+            )
+
+        faults.arm()
+        assert run_async(all_at_once()) == [None] * len(claims)
+        faults.disarm()
+        seen = faults.seen
+        if store.db.dialect.name == "postgresql":
+            assert sum(s.startswith("WITH w AS") for s in seen) == 1, seen
+        else:
+            assert sum(s.startswith(MERGED_SQLITE) for s in seen) == 1, seen
+            updates = [s for s in seen if s.startswith("UPDATE executions")]
+            inserts = [s for s in seen if s.startswith("INSERT INTO checkpoints")]
+            assert len(updates) == 2 and len(inserts) <= 2 + 7, seen  # first's own, then one
+        done = [c for i, c in enumerate(rest) if not i % 4]
+        for c in claims:
+            ex = run_async(store.get(c.execution.id))
+            if c in done:
+                assert ex.status == "completed" and ex.output == {"by": c.execution.id}
+                assert ex.lease_until is None and ex.finished_at is not None
+                assert run_async(store.history(c.execution.id)) == []
+            else:
+                assert ex.status == "running" and (ex.step, ex.current_state) == (1, "s1")
+                assert _exits(store, c.execution.id) == 1 + len(c.execution.id) % 3
+        (worker,) = [w for w in run_async(store.list_workers()) if w.id == "w-1"]
+        assert worker.completed == len(done)
+    finally:
+        run_async(store.close())
+
+
 def test_completions_and_checkpoints_in_one_batch(db_url, tmp_path, faults):
     """A batch that mixes completions (with their last checkpoints) and
     checkpoint commits, one of them stale: on PostgreSQL it is one statement.
@@ -286,6 +341,8 @@ def test_completions_and_checkpoints_in_one_batch(db_url, tmp_path, faults):
         assert isinstance(results[2], LeaseLost)
         if store.db.dialect.name == "postgresql":
             assert sum(s.startswith("WITH w AS") for s in faults.seen) == 1, faults.seen
+        else:  # tried as one statement, then (a fence moved on) a write at a time
+            assert sum(s.startswith(MERGED_SQLITE) for s in faults.seen) == 1, faults.seen
 
         def row(c):
             return run_async(store.get(c.execution.id))
@@ -357,6 +414,10 @@ def test_fenced_writes_reach_their_rows_by_primary_key_on_a_new_table(db_url, tm
             else:
                 held = fenced.RAW_HELD.replace("?", "'x'", 1).replace("?", "1")
                 cur.execute(f"EXPLAIN QUERY PLAN UPDATE executions SET step = 1 {held}")
+                out["single"] = "\n".join(str(r[-1]) for r in cur.fetchall())
+                owners = json.dumps([[w.owner_id, w.fence, 1, "s1", 1, 1, 0, None] for w in batch])
+                now = store.db.driver.time(utcnow())
+                cur.execute("EXPLAIN QUERY PLAN " + fenced._SQLITE_MERGED, (now, owners))
                 out["batch"] = "\n".join(str(r[-1]) for r in cur.fetchall())
                 explain = "EXPLAIN QUERY PLAN "
             text = renewal.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
@@ -377,7 +438,11 @@ def test_fenced_writes_reach_their_rows_by_primary_key_on_a_new_table(db_url, tm
         assert "SubPlan" not in found["renewal"], found["renewal"]
         assert "Index Scan using pk_executions on executions " in found["renewal"]
     else:
-        assert "USING INDEX sqlite_autoindex_executions_1 (id=?)" in found["batch"], found
+        assert "USING INDEX sqlite_autoindex_executions_1 (id=?)" in found["single"], found
+        # the batch's owners (the JSON) outside, each found by primary key
+        outer, inner = found["batch"].splitlines()
+        assert outer.startswith("SCAN w VIRTUAL TABLE"), found
+        assert inner == "SEARCH executions USING INDEX sqlite_autoindex_executions_1 (id=?)"
         outer, *rest = found["renewal"].splitlines()
         assert "sqlite_autoindex_executions_1 (id=?)" in outer, found
         assert "LIST SUBQUERY" in found["renewal"] and "CORRELATED" not in found["renewal"]

@@ -227,3 +227,36 @@ def test_a_claim_of_several_by_hooks_takes_the_best_it_can_run(store):
         assert claim(["alpha", "beta"], 3) == ["ab-mid", "a-new", "ab-old"]  # two, merged
         assert claim(["alpha", "beta"], 3) == []
     assert run_async(store.get("c-top")).status == "queued"  # nobody here runs gamma
+
+
+@pytest.mark.parametrize("hooks", [None, ["alpha"], ["alpha", "beta"]], ids=["any", "one", "two"])
+def test_a_claim_of_several_hands_back_the_rows_as_stored(store, hooks):
+    # A claim of several reads its rows back its own way on SQLite (one JSON
+    # value, see executions.py): each claimed execution must equal the row as
+    # the store reads it (every column, with its type), best first.
+    run_async(store.put_config("h-a", "a", "spec: flatmachine", needs="alpha"))
+    odd_input = {"text": 'é "quoted" \u2028', "n": [1, 2.5, None, True], "deep": {"x": {}}}
+    with freeze_time("2026-01-01 00:00:00.250000", real_asyncio=True) as clock:
+        for i in range(6):
+            item = NewExecution(
+                id=f"ex-{i}",
+                machine="a",
+                config_hash="h-a",
+                input={**odd_input, "i": i},
+                priority=i % 3,
+                max_attempts=3,
+                retry_backoff=1.5,
+                retry_backoff_max=60.0,
+                needs="alpha",
+                parent_id="parent" if i % 2 else None,
+                not_before=utcnow() - timedelta(seconds=5) if i == 4 else None,
+            )
+            run_async(store.submit([item]))
+            clock.tick(0.5)
+    claims = run_async(store.claim_many("w", ["default"], hooks, limit=4))
+    assert [c.execution.id for c in claims] == ["ex-2", "ex-5", "ex-1", "ex-4"]
+    for c in claims:
+        stored = run_async(store.get(c.execution.id))
+        assert c.execution == stored and c.fence == stored.fence == 1
+        assert type(c.execution.started_at) is type(stored.started_at)
+        assert c.execution.input["text"] == odd_input["text"]

@@ -134,6 +134,52 @@ _TAKE_BEST_OF_NEED = (
 )
 
 
+# SQLite: a claim of several in statements of one row each. The sqlite3 driver
+# lets go of the GIL for every row it steps through, and takes it back from a
+# busy event loop (a wait of up to the switch interval) while the claim holds
+# the store's one write lock: a claim that returned its 64 rows one by one held
+# it for tens of ms, and every checkpoint commit of the process waited behind
+# it. Here the ids chosen, the rows taken and the rows read back are each one
+# JSON value (json_group_array), however many rows.
+_IDS = sa.select(sa.literal_column("value")).select_from(
+    sa.func.json_each(sa.bindparam("b_ids_json"))
+)
+_TAKE_IDS = sa.update(executions).where(executions.c.id.in_(_IDS)).values(**_TAKE_VALUES)
+_ROWS_AS_JSON = sa.select(
+    sa.func.json_group_array(
+        sa.func.json_object(*(part for c in executions.c for part in (sa.literal(c.name), c)))
+    )
+).where(executions.c.id.in_(_IDS))
+_LITE_CONVERT = {
+    c.name: (
+        (lambda v: datetime.fromisoformat(v) if isinstance(v, str) else v)
+        if isinstance(c.type, sa.DateTime)
+        else (lambda v: json.loads(v) if isinstance(v, str) else v)
+        if isinstance(c.type, sa.JSON)
+        else None
+    )
+    for c in executions.c
+}
+
+
+def _ids_json(chosen: sa.Select) -> sa.Select:
+    """The ids ``chosen`` selects, as one JSON array (one row)."""
+    sub = chosen.subquery()
+    return sa.select(sa.func.json_group_array(sub.c.id))
+
+
+def _lite_rows(text: str) -> list[Execution]:
+    """Executions from ``_ROWS_AS_JSON``: each column as SQLAlchemy's types
+    would read it (times from their text, JSON columns parsed)."""
+    out = []
+    for raw in json.loads(text):
+        for name, convert in _LITE_CONVERT.items():
+            if convert is not None and raw[name] is not None:
+                raw[name] = convert(raw[name])
+        out.append(Execution.from_row(raw))
+    return out
+
+
 def _best_first(row: Any) -> tuple:
     """The claim's order: highest priority, then oldest."""
     return (-row.priority, row.created_at)
@@ -455,6 +501,7 @@ class Executions:
 
         names = list(queue_names)
         have = None if hooks is None else frozenset(hooks)
+        sqlite = self.db.dialect.name == "sqlite"
 
         def take_expired(conn: sa.Connection, params: dict[str, Any], now: Any) -> Claim | None:
             """An execution whose owner's lease ran out (a recovery), if any."""
@@ -499,6 +546,8 @@ class Executions:
             conn: sa.Connection, params: dict[str, Any], now: Any, left: int
         ) -> list[Claim]:
             """The best ``left`` queued executions, taken in one statement."""
+            if sqlite:
+                return take_queued_lite(conn, params, now, left)
             if have is not None and len(params["b_needs"]) == 1:
                 taken = conn.execute(
                     _TAKE_BEST_OF_NEED,
@@ -535,6 +584,33 @@ class Executions:
                 ex = Execution.from_row(taken[r.id])
                 out.append(Claim(ex, worker_id, ex.fence, False))
             return out
+
+        def take_queued_lite(
+            conn: sa.Connection, params: dict[str, Any], now: Any, left: int
+        ) -> list[Claim]:
+            """``take_queued`` on SQLite: one row per statement (see _ROWS_AS_JSON)."""
+            if have is not None and len(params["b_needs"]) == 1:
+                chosen = _RUNNABLE_QUEUED_NEEDS.with_only_columns(executions.c.id)
+                params = {**params, "b_need": params["b_needs"][0], "b_limit": left}
+                ids_json = conn.scalar(_ids_json(chosen), params)
+            elif have is None:
+                chosen = _RUNNABLE_QUEUED_MANY.with_only_columns(executions.c.id)
+                ids_json = conn.scalar(_ids_json(chosen), {**params, "b_limit": left})
+            else:
+                ids_json = json.dumps([r.id for r in self._best_queued(conn, params, left)])
+            if ids_json == "[]":
+                return []
+            conn.execute(
+                _TAKE_IDS,
+                {
+                    "b_ids_json": ids_json,
+                    "b_worker": worker_id,
+                    "b_lease_until": lease_deadline(now, ttl),
+                    "b_now": now,
+                },
+            )
+            taken = _lite_rows(conn.scalar(_ROWS_AS_JSON, {"b_ids_json": ids_json}))
+            return [Claim(ex, worker_id, ex.fence, False) for ex in sorted(taken, key=_best_first)]
 
         def tx(conn: sa.Connection) -> list[Claim]:
             now = utcnow()
