@@ -379,9 +379,9 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, proce
         adapters = load_agent_adapters(settings.app)
         # a --burst worker is a batch job: no database, nothing to do (exit 2)
         orch = await (_orch(settings).open() if burst else open_waiting(settings))
-        from .worker import settle_gc
+        from .worker import settle_process
 
-        settle_gc()  # this process is a worker and nothing else
+        settle_process()  # this process is a worker and nothing else
         try:
             await orch.serve_worker(
                 registry,

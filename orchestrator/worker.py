@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +49,15 @@ from .store.wake import WakeListener
 GC_THRESHOLDS = (20_000, 20, 50)
 
 
+# The store's threads let go of the GIL for every statement they run and must
+# take it back from the event loop, which, busy with hundreds of executions,
+# keeps it for up to the switch interval (5 ms by default) each time; a batch
+# of commits waits that long for every statement, while the store's one write
+# lock (SQLite) is held. A tenth of it: W6 5,000 @ 1,000 on SQLite, three
+# paired runs, 6-9 % faster, for 2-3 % more CPU.
+SWITCH_INTERVAL = 0.0005
+
+
 def settle_gc() -> None:
     """Tune the garbage collector for a process that is a worker and nothing
     else (`orch worker`; an application that embeds a worker keeps its own):
@@ -56,6 +66,14 @@ def settle_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def settle_process() -> None:
+    """``settle_gc``, and a shorter GIL switch interval, so that the store's
+    threads get the GIL back soon from a busy event loop: for a process that
+    is a worker and nothing else."""
+    settle_gc()
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 log = logging.getLogger(__name__)

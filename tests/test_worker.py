@@ -362,20 +362,40 @@ def test_an_idle_worker_is_woken_by_a_submit_not_by_its_poll(
     assert w.wait() == 0
 
 
-def test_a_worker_process_settles_its_garbage_collector():
-    """`orch worker` freezes what start-up made out of every collection and
-    collects less often (worker.settle_gc); the thresholds come back after."""
+def test_a_worker_process_settles_its_garbage_collector_and_switch_interval():
+    """worker.settle_process freezes what start-up made out of every collection,
+    collects less often and shortens the GIL switch interval; all come back after."""
     import gc
+    import sys
 
-    from orchestrator.worker import GC_THRESHOLDS, settle_gc
+    from orchestrator.worker import GC_THRESHOLDS, SWITCH_INTERVAL, settle_process
 
-    before = gc.get_threshold()
+    before, interval = gc.get_threshold(), sys.getswitchinterval()
     gc.unfreeze()
     try:
-        settle_gc()
+        settle_process()
         assert gc.get_threshold() == GC_THRESHOLDS
         assert GC_THRESHOLDS[0] > before[0]
         assert gc.get_freeze_count() > 0  # the objects alive now are out of every collection
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        assert SWITCH_INTERVAL < interval
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        sys.setswitchinterval(interval)
+
+
+def test_orch_worker_runs_settled(db_url, store, tmp_path, effects, workers):
+    """What a hook sees inside `orch worker`: the settled process."""
+    import json
+
+    from orchestrator.worker import GC_THRESHOLDS, SWITCH_INTERVAL
+
+    [ex_id] = submit(db_url, chain_machine(tmp_path / "m.yml", ["probe"]), [{}])
+    w = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert w.wait() == 0
+    assert get(store, ex_id).status == "completed"
+    last = run_async(store.history(ex_id))[-1]
+    context = json.loads(run_async(store.checkpoint_at(ex_id, seq=last.seq)).snapshot)["context"]
+    assert context["switch_interval"] == pytest.approx(SWITCH_INTERVAL)
+    assert context["gc_threshold"] == list(GC_THRESHOLDS)

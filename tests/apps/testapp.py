@@ -50,6 +50,12 @@ class EffectsHooks(MachineHooks):
             time.sleep(float(context.get("sleep") or 1))
         elif action_name == "fail":
             raise RuntimeError("the workflow failed on purpose")
+        elif action_name == "probe":  # the worker process's settings, for a test
+            import gc
+            import sys
+
+            context["switch_interval"] = sys.getswitchinterval()
+            context["gc_threshold"] = list(gc.get_threshold())
         context["acc"] = int(context.get("acc") or 0) + 1
         context["by"] = os.getpid()
         return context
