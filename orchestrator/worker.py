@@ -149,6 +149,7 @@ class LeaseKeeper(threading.Thread):
         store = Store.lazy(w.settings, patience=min(w.settings.store_patience, interval / 2))
         retry = min(interval, RETRY_RENEWAL)
         wait = interval
+        away = False
         try:
             while not self._stop_event.wait(wait):
                 wait = interval
@@ -159,10 +160,14 @@ class LeaseKeeper(threading.Thread):
                     # the store logs the outage once; try again soon, not a tick
                     # later, so the leases are renewed as soon as it answers
                     wait = retry
+                    away = True
                     continue
                 except Exception:
                     log.exception("lease renewal failed")
                     continue
+                if away:  # it answers again: the worker need not wait out its backoff
+                    away = False
+                    w.on_store_back()
                 w.on_renewed(lost, status)
                 w.paused = frozenset(paused)
         finally:
@@ -245,6 +250,12 @@ class Worker:
     def held_leases(self) -> dict[str, int]:
         with self._held_lock:
             return dict(self._held)
+
+    def on_store_back(self) -> None:
+        """Called from the keeper thread when the store answers again: give back
+        what an outage interrupted, and claim, now."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._wake.set)
 
     def on_renewed(self, lost: set[str], status: str | None) -> None:
         """Called from the keeper thread after each renewal."""
@@ -347,6 +358,9 @@ class Worker:
     async def _release_orphans(self) -> None:
         released = await self.store.release_orphans(self.id, list(self._running))
         self._orphans = False
+        with self._held_lock:  # given back: no lease of theirs to keep any more
+            for ex_id in [i for i in self._held if i not in self._running]:
+                del self._held[ex_id]
         if released:
             log.info(
                 "gave back %d execution(s) interrupted while the store was away; they "
@@ -429,6 +443,7 @@ class Worker:
 
     async def _execute(self, claim: Claim) -> None:
         ex_id = claim.execution.id
+        interrupted = False
         try:
             outcome: Outcome = await self.runner.run(claim)
             if outcome.status == "completed":
@@ -436,7 +451,9 @@ class Worker:
             elif outcome.status == "failed":
                 self.failed += 1
             elif outcome.status == "interrupted":
-                self._orphans = True  # given back once the store answers
+                # given back once the store answers; its lease is kept alive until
+                # then, so that nobody takes it as a crashed worker's (a recovery)
+                self._orphans = interrupted = True
             if outcome.status == "waiting":
                 until = f" until {outcome.wake_at.isoformat()}Z" if outcome.wake_at else ""
                 log.info("waiting %s on '%s'%s", ex_id, outcome.channel, until)
@@ -455,8 +472,9 @@ class Worker:
         except Exception:
             log.exception("worker error while running %s", ex_id)
         finally:
-            with self._held_lock:
-                self._held.pop(ex_id, None)
+            if not interrupted:
+                with self._held_lock:
+                    self._held.pop(ex_id, None)
             self._running.pop(ex_id, None)
             self._lost.discard(ex_id)
             self._wake.set()

@@ -2,7 +2,8 @@
 owner's fence check (which moves its step and state) and the snapshot rows.
 
 Alone, a commit is a couple of fixed statements (one on PostgreSQL). A batch
-of them from group commit (group.py) is one statement on PostgreSQL.
+of them from group commit (group.py) is one statement on PostgreSQL; on SQLite
+one fenced update for all of them and a few multi-row inserts.
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ moved on) rolls the batch back, and the batch is then run again one write per
 transaction, so that only the write at fault sees its error.
 
 One batch is in flight per event loop and driver (a store thread runs it); a
-write that finds nothing in flight and nothing waiting commits at once. On
-PostgreSQL a second batch goes in flight, on another connection, once many
-writes wait, and a batch's checkpoint commits are one statement (fenced.py):
-the server runs one batch while this process builds the next. Writes of one
+write that finds nothing in flight and nothing waiting commits at once. A
+batch's checkpoint commits are one fenced update (fenced.py). On PostgreSQL a
+second batch goes in flight, on another connection, once many writes wait: the
+server runs one batch while this process builds the next. Writes of one
 execution never share or cross batches: each waits for its own commit.
 """
 
@@ -147,7 +147,8 @@ class GroupCommit:
         them refuses, each in its own."""
         try:
             if mergeable(self.driver, fns):
-                # PostgreSQL: the batch's checkpoint commits in one statement
+                # the batch's checkpoint commits in one statement (SQLite: and
+                # its rows in a few inserts)
                 outcomes = self.driver.run(
                     lambda cur: run_merged(cur, self.driver, fns), write=True
                 )
