@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from textual import work
+from textual.css.query import NoMatches
 from textual.screen import Screen
 
 
@@ -24,6 +25,11 @@ class LiveScreen(Screen):
     async def _refresh(self) -> None:
         try:
             await self._read()
+        except NoMatches:
+            if self in self.app.screen_stack:
+                raise
+            # closed (escape) while it read: its widgets are gone, and nothing
+            # is left to show the answer on; the app must not fall over for it
         finally:
             self._refreshing = False
 
