@@ -1022,7 +1022,26 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
+# the commands that serve until stopped: SIGTERM/SIGINT drains them
+_SERVING = frozenset({"worker", "scheduler", "up"})
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (past the group's own options)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--db":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main() -> None:
+    if _command(sys.argv[1:]) in _SERVING:
+        from . import stopsignal
+
+        stopsignal.hold()  # before click parses: a stop while it starts is not a kill
     cli(obj={})
 
 

@@ -416,3 +416,16 @@ def test_submit_wait_exits_1_when_the_execution_fails(db_url, tmp_path, workers)
     res = orch("result", "doomed", db_url=db_url, cwd=tmp_path)
     assert res.returncode == 1
     assert "doomed is failed" in res.stderr
+
+
+def test_the_serving_commands_are_found_past_the_group_options():
+    # `orch worker|scheduler|up` hold a stop signal from main(), before click
+    # parses; the command is the first word past the group's own options
+    from orchestrator.cli import _SERVING, _command
+
+    assert _command(["--db", "sqlite:///x", "-v", "worker", "--app", "a"]) == "worker"
+    assert _command(["--db=sqlite:///x", "up", "--min", "1"]) == "up"
+    assert _command(["list", "--queue", "worker"]) == "list"  # a value, not the command
+    assert _command(["--db", "worker"]) is None  # the database's name, not the command
+    assert _command([]) is None
+    assert _SERVING == {"worker", "scheduler", "up"}
