@@ -356,9 +356,6 @@ async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, del
 @click.pass_context
 def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, processes):
     """Claim and run executions; SIGTERM/SIGINT drains."""
-    from . import stopsignal
-
-    stopsignal.hold()  # a SIGTERM while starting stops it cleanly, not half-started
     from .app import load_agent_adapters, load_hooks_registry
 
     if processes < 1:
@@ -889,10 +886,6 @@ def _run_scheduler(
     log_dir: str,
     policy: tuple[str, int, int] | None = None,
 ) -> None:
-    from . import stopsignal
-
-    stopsignal.hold()  # a SIGTERM while starting stops it cleanly, not half-started
-
     async def body() -> None:
         if app:
             from .app import load_hooks_registry

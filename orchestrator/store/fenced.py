@@ -231,6 +231,19 @@ def mergeable(drv: eng.Driver, fns: Sequence[Any]) -> bool:
     return len(owners) >= 2 and len(set(owners)) == len(owners)
 
 
+def _owner(f: FencedWrite) -> tuple:
+    """A merged write's owner: id, fence, the step and state it moves to and
+    whether each is set, whether it completes, its output and its worker."""
+    moved = moved_to(f.owner_id, f.rows)
+    step, state = moved if moved is not None else (0, None)
+    set_state = moved is not None and state is not None
+    return (f.owner_id, f.fence, step, state, moved is not None, set_state) + (
+        f.completes,
+        f.output,
+        f.worker_id,
+    )
+
+
 # SQLite: the fenced updates of a batch in one statement, its owners' columns
 # as one JSON parameter (a statement of one text whatever the batch's size, so
 # it is compiled once). Each statement a store thread runs lets go of the GIL
@@ -259,22 +272,14 @@ def _sqlite_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any], merged: list[i
     (the batch rolls back and runs a write at a time, where the one whose fence
     moved on gets its ``LeaseLost``)."""
     now = drv.time(utcnow())
-    owners = []
     params: list[Any] = []
     counts: dict[str, int] = {}
     for i in merged:
         f = fns[i]
-        moved = moved_to(f.owner_id, f.rows)
-        step, state = moved if moved is not None else (0, None)
-        owners.append(
-            (f.owner_id, f.fence, step, state, moved is not None)
-            + (moved is not None and state is not None, f.completes, f.output)
-        )
         if f.completes:
             counts[f.worker_id] = counts.get(f.worker_id, 0) + 1
-        for r in f.rows:
-            at = now if r.at is None else drv.time(r.at)
-            params += (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, f.fence, at)
+        params += _row_params(drv, f.rows, f.fence, now)
+    owners = [_owner(fns[i]) for i in merged]
     cur.execute(_SQLITE_MERGED, (now, json.dumps(owners)))
     if cur.rowcount != len(merged):
         first = merged[0]
@@ -307,15 +312,7 @@ def run_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any]) -> list[tuple[bool
     rows: list[list[Any]] = [[] for _ in range(9)]
     for i in sorted(merged):
         f = fns[i]
-        moved = moved_to(f.owner_id, f.rows)
-        step, state = moved if moved is not None else (0, None)
-        set_state = moved is not None and state is not None
-        for column, value in zip(
-            owners,
-            (f.owner_id, f.fence, step, state, moved is not None, set_state)
-            + (f.completes, f.output, f.worker_id),
-            strict=True,
-        ):
+        for column, value in zip(owners, _owner(f), strict=True):
             column.append(value)
         for r in f.rows:
             at = now if r.at is None else drv.time(r.at)
