@@ -1035,7 +1035,26 @@ def main() -> None:
         from . import stopsignal
 
         stopsignal.hold()  # before click parses: a stop while it starts is not a kill
-    cli(obj={})
+    try:
+        code = cli.main(prog_name="orch", obj={}, standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `orch` alone: the help, as click gives it
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        # click's own report is four lines (usage, hint, blank, error); ours is one
+        if exc.ctx is not None:
+            where = exc.ctx.command_path
+        else:  # the option parser's errors carry no context: name the command
+            where = " ".join(["orch", *filter(None, [_command(sys.argv[1:])])])
+        fail(f"{exc.format_message().rstrip('.')} (see `{where} --help`)")
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    # a command that ends normally returns None; --help and ctx.exit() give their code
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -418,6 +418,34 @@ def test_submit_wait_exits_1_when_the_execution_fails(db_url, tmp_path, workers)
     assert "doomed is failed" in res.stderr
 
 
+# mistakes click finds while it parses: the same one line as ours, naming the help to read
+PARSE_ERRORS = {
+    "out-of-range": (["list", "--limit", "0"], ["--limit", "`orch list --help`"]),
+    "unknown-option": (["show", "x", "--bogus"], ["--bogus", "`orch show --help`"]),
+    "missing-value": (["submit", "m.yml", "--queue"], ["--queue", "`orch submit --help`"]),
+    "missing-argument": (["schedule", "add"], ["NAME", "`orch schedule add --help`"]),
+    "unknown-command": (["lsit"], ["lsit", "`orch --help`"]),
+    "bad-choice": (["list", "--status", "done"], ["--status", "'done'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PARSE_ERRORS))
+def test_a_mistake_click_finds_is_one_line_exit_2_and_writes_nothing(case, db_url, tmp_path):
+    args, needles = PARSE_ERRORS[case]
+    r = orch(*args, db_url=db_url, cwd=tmp_path)
+    assert_usage_error(r, *needles)
+    assert "Usage:" not in r.stderr
+    assert_nothing_written(db_url)
+
+
+def test_help_and_the_bare_group_still_print_the_help(tmp_path):
+    r = ok(orch("--help", db_url=f"sqlite:///{tmp_path / 'h.db'}", cwd=tmp_path))
+    assert r.stdout.startswith("Usage: orch [OPTIONS] COMMAND") and "submit" in r.stdout
+    bare = orch(db_url=f"sqlite:///{tmp_path / 'h.db'}", cwd=tmp_path)
+    assert bare.returncode == 2 and "Usage: orch [OPTIONS] COMMAND" in bare.stderr
+    assert not (tmp_path / "h.db").exists()
+
+
 def test_the_serving_commands_are_found_past_the_group_options():
     # `orch worker|scheduler|up` hold a stop signal from main(), before click
     # parses; the command is the first word past the group's own options
