@@ -265,12 +265,38 @@ _SQLITE_MERGED = (
 )
 # ... and its rows in a few multi-row inserts of power-of-two sizes, in order
 _SQLITE_CHUNK = 256
+# the positions (in the owners' JSON) of the owners that still hold their
+# executions: each found by primary key, the JSON the outer loop
+_SQLITE_HELD = (
+    "SELECT json_group_array(w.key) FROM json_each(?1) AS w CROSS JOIN executions"
+    " WHERE executions.id = w.value->>0 AND executions.fence = w.value->>1"
+    " AND +executions.status = 'running'"
+)
 
 
-def _sqlite_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any], merged: list[int]) -> None:
-    """The merged writes of a batch on SQLite: all held, or ``BatchItemFailed``
-    (the batch rolls back and runs a write at a time, where the one whose fence
-    moved on gets its ``LeaseLost``)."""
+class StaleOwner(Exception):
+    """SQLite: an owner of a merged batch no longer holds its execution (it was
+    cancelled or recovered); the batch rolls back, to run again with
+    ``run_merged(..., sort=True)``."""
+
+
+def _sqlite_merged(
+    cur: Any, drv: eng.Driver, fns: Sequence[Any], merged: list[int], sort: bool
+) -> set[str] | None:
+    """The merged writes of a batch on SQLite. Without ``sort``: all held
+    (None), or ``StaleOwner``. With it: the owners that still hold their
+    executions are found first, their writes commit, and their ids come back;
+    the others write nothing (each gets its ``LeaseLost``)."""
+    owners = [_owner(fns[i]) for i in merged]
+    held: set[str] | None = None
+    if sort:
+        text = cur.execute(_SQLITE_HELD, (json.dumps([o[:2] for o in owners]),)).fetchone()[0]
+        keep = set(json.loads(text))
+        merged = [i for k, i in enumerate(merged) if k in keep]
+        owners = [o for k, o in enumerate(owners) if k in keep]
+        held = {fns[i].owner_id for i in merged}
+        if not merged:
+            return held
     now = drv.time(utcnow())
     params: list[Any] = []
     counts: dict[str, int] = {}
@@ -279,9 +305,11 @@ def _sqlite_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any], merged: list[i
         if f.completes:
             counts[f.worker_id] = counts.get(f.worker_id, 0) + 1
         params += _row_params(drv, f.rows, f.fence, now)
-    owners = [_owner(fns[i]) for i in merged]
     cur.execute(_SQLITE_MERGED, (now, json.dumps(owners)))
     if cur.rowcount != len(merged):
+        if not sort:
+            raise StaleOwner()
+        # not seen: the write lock is held from the read on (BEGIN IMMEDIATE)
         first = merged[0]
         raise eng.BatchItemFailed(first, LeaseLost(fns[first].owner_id, fns[first].fence))
     width = len(_RAW_ROW.split(","))
@@ -294,19 +322,24 @@ def _sqlite_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any], merged: list[i
         start, left = end, left - size
     for worker, n in counts.items():
         cur.execute(_RAW_COUNT_N, (n, worker))
+    return held
 
 
-def run_merged(cur: Any, drv: eng.Driver, fns: Sequence[Any]) -> list[tuple[bool, Any]]:
+def run_merged(
+    cur: Any, drv: eng.Driver, fns: Sequence[Any], *, sort: bool = False
+) -> list[tuple[bool, Any]]:
     """A batch (``mergeable``) in one transaction: its checkpoint commits in one
     statement, then the other writes in order. A checkpoint commit whose fence
     moved on writes nothing and gets its ``LeaseLost``; the rest commit. Any
-    other write's own error raises ``BatchItemFailed`` (the batch rolls back)."""
+    other write's own error raises ``BatchItemFailed`` (the batch rolls back).
+    On SQLite a fence that moved on raises ``StaleOwner`` unless ``sort``: the
+    statement that tells who holds what runs only when someone does not."""
     merged = {i for i, f in enumerate(fns) if _merges(f)}
     for first in sorted({fns[i].first for i in merged} - {None}):
         cur.execute(first)
     if drv.dialect.name == "sqlite":
-        _sqlite_merged(cur, drv, fns, sorted(merged))
-        return _the_rest(cur, fns, merged, held=None)
+        held = _sqlite_merged(cur, drv, fns, sorted(merged), sort)
+        return _the_rest(cur, fns, merged, held=held)
     now = drv.time(utcnow())
     owners: list[list[Any]] = [[] for _ in range(9)]
     rows: list[list[Any]] = [[] for _ in range(9)]

@@ -13,7 +13,10 @@ before its own ``state_exit`` is durable, and a commit that fails fails every
 write in it (none advances). Each write is its own fenced statements, run in
 order in the shared transaction; one that raises (``LeaseLost``: its claim
 moved on) rolls the batch back, and the batch is then run again one write per
-transaction, so that only the write at fault sees its error.
+transaction, so that only the write at fault sees its error. Checkpoint
+commits whose claim moved on (an execution cancelled or recovered) are told
+apart inside the batch instead (fenced.py): they write nothing and get their
+``LeaseLost``, and the others still share one commit.
 
 One batch is in flight per event loop and driver (a store thread runs it); a
 write that finds nothing in flight and nothing waiting commits at once. A
@@ -31,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from . import engine as eng
-from .fenced import mergeable, run_merged
+from .fenced import StaleOwner, mergeable, run_merged
 
 T = TypeVar("T")
 
@@ -149,9 +152,16 @@ class GroupCommit:
             if mergeable(self.driver, fns):
                 # the batch's checkpoint commits in one statement (SQLite: and
                 # its rows in a few inserts)
-                outcomes = self.driver.run(
-                    lambda cur: run_merged(cur, self.driver, fns), write=True
-                )
+                try:
+                    outcomes = self.driver.run(
+                        lambda cur: run_merged(cur, self.driver, fns), write=True
+                    )
+                except StaleOwner:
+                    # one of them was cancelled or recovered: again, telling
+                    # first who still holds what, and still one transaction
+                    outcomes = self.driver.run(
+                        lambda cur: run_merged(cur, self.driver, fns, sort=True), write=True
+                    )
             else:
                 outcomes = [(True, r) for r in self.driver.run_batch(fns)]
         except eng.BatchItemFailed as failed:
