@@ -79,6 +79,31 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
         raise AssertionError from None
 
 
+def read_settings(ctx: click.Context) -> Settings:
+    """The settings of a command that only reads. On a SQLite file that is not
+    there yet (a command typed in the wrong directory, or before the first
+    submit) it reads an empty store in a directory of its own, removed at exit,
+    rather than create the file where the user stands: the answer is the same
+    (nothing there), and nothing is written. A missing directory, a read-only
+    file and every other case go on to the store's own checks."""
+    settings = settings_from(ctx)
+    from .store.engine import parse_url, sqlite_path
+
+    try:
+        path = sqlite_path(parse_url(settings.database_url))
+    except UserError as exc:
+        fail(str(exc))
+    if path is None or path.exists() or not path.parent.is_dir():
+        return settings
+    import atexit
+    import shutil
+    import tempfile
+
+    empty = tempfile.mkdtemp(prefix="orch-empty-")
+    atexit.register(shutil.rmtree, empty, True)
+    return settings.model_copy(update={"database_url": f"sqlite:///{empty}/orch.sqlite"})
+
+
 async def open_waiting(settings: Settings) -> Orchestrator:
     """Open the store, waiting (with one message) for a database that is not up
     yet: a service started before its database runs once the database does.
@@ -416,7 +441,7 @@ def list_(ctx, status, queue, limit, parent, as_json):
             ctx.obj.get("db"), status=status, queue=queue, parent=parent, limit=limit
         )
     except quickread.NotHere:
-        settings = settings_from(ctx)
+        settings = read_settings(ctx)
 
         async def body() -> list[dict[str, Any]]:
             async with _orch(settings) as orch:
@@ -462,7 +487,7 @@ def show(ctx, execution_id, context_only, step, as_json):
             raise quickread.NotHere
         doc = quickread.show(ctx.obj.get("db"), execution_id)
     except quickread.NotHere:
-        settings = settings_from(ctx)
+        settings = read_settings(ctx)
 
         async def body() -> dict[str, Any] | None:
             async with _orch(settings) as orch:
@@ -525,7 +550,7 @@ def show(ctx, execution_id, context_only, step, as_json):
 @click.pass_context
 def result(ctx, execution_id, timeout):
     """Wait for an execution and print its output JSON."""
-    settings = settings_from(ctx)
+    settings = read_settings(ctx)
 
     async def body() -> int:
         async with _orch(settings) as orch:
@@ -554,7 +579,7 @@ def result(ctx, execution_id, timeout):
 @click.pass_context
 def workers(ctx, include_stopped, as_json):
     """Workers and what they run."""
-    settings = settings_from(ctx)
+    settings = read_settings(ctx)
 
     async def body() -> None:
         async with _orch(settings) as orch:
@@ -586,7 +611,7 @@ def workers(ctx, include_stopped, as_json):
 @click.pass_context
 def queues(ctx, as_json):
     """Queues: executions per status and workers serving each."""
-    settings = settings_from(ctx)
+    settings = read_settings(ctx)
 
     async def body() -> None:
         async with _orch(settings) as orch:
@@ -771,7 +796,7 @@ def signal_(ctx, channel, data_json, data_file, as_json):
 @click.pass_context
 def signals(ctx, channel, as_json):
     """Signals not yet consumed, oldest first."""
-    settings = settings_from(ctx)
+    settings = read_settings(ctx)
 
     async def body() -> None:
         async with _orch(settings) as orch:
@@ -849,7 +874,7 @@ def schedule_add(ctx, name, machine, cron, input_json, queue):
 @click.pass_context
 def schedule_list(ctx, as_json):
     """Schedules with their next fire time."""
-    settings = settings_from(ctx)
+    settings = read_settings(ctx)
 
     async def body() -> None:
         async with _orch(settings) as orch:

@@ -438,6 +438,41 @@ def test_a_mistake_click_finds_is_one_line_exit_2_and_writes_nothing(case, db_ur
     assert_nothing_written(db_url)
 
 
+# the commands that only read, and what each says of a store with nothing in it
+READS = {
+    "list": (["list"], 0, "id  machine  status"),
+    "list-json": (["list", "--json"], 0, "[]"),
+    "show": (["show", "nope"], 2, None),
+    "show-context": (["show", "nope", "--context"], 2, None),
+    "result": (["result", "nope", "--timeout", "1"], 2, None),
+    "workers": (["workers", "--json"], 0, "[]"),
+    "queues": (["queues", "--json"], 0, "[]"),
+    "signals": (["signals", "--json"], 0, "[]"),
+    "schedules": (["schedule", "list", "--json"], 0, "[]"),
+}
+
+
+@pytest.mark.parametrize("case", list(READS))
+def test_a_read_where_there_is_no_sqlite_file_creates_none(case, tmp_path):
+    """A read typed where there is no store yet answers for an empty store and
+    leaves no orch.sqlite behind (SQLite only: the store is a file here)."""
+    args, code, out = READS[case]
+    path = tmp_path / "orch.sqlite"
+    (tmp_path / "tmp").mkdir()
+    r = orch(*args, db_url=f"sqlite:///{path}", cwd=tmp_path, TMPDIR=str(tmp_path / "tmp"))
+    if code == 2:
+        assert_usage_error(r, "no execution with id 'nope'")
+    else:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(out), r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no store made
+    assert list((tmp_path / "tmp").iterdir()) == []  # and the empty one it read is gone
+    if case == "show":  # once there is a store, the same command reads it
+        counter = str(ROOT / "examples" / "counter.yml")
+        ok(orch("submit", counter, "--id", "nope", db_url=f"sqlite:///{path}", cwd=tmp_path))
+        assert "nope" in ok(orch(*args, db_url=f"sqlite:///{path}", cwd=tmp_path)).stdout
+
+
 def test_help_and_the_bare_group_still_print_the_help(tmp_path):
     r = ok(orch("--help", db_url=f"sqlite:///{tmp_path / 'h.db'}", cwd=tmp_path))
     assert r.stdout.startswith("Usage: orch [OPTIONS] COMMAND") and "submit" in r.stdout
