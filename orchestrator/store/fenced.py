@@ -251,6 +251,11 @@ def _owner(f: FencedWrite) -> tuple:
 # interval: a batch of 130 writes, two statements each, took 50-650 ms beside a
 # busy loop against 7 ms alone. Its status check keeps the status indexes out,
 # so each owner is found by primary key, the JSON the outer loop.
+# An owner ([id, fence, ...], as w) that still holds its execution:
+_SQLITE_HOLDS = (
+    "executions.id = w.value->>0 AND executions.fence = w.value->>1"
+    " AND +executions.status = 'running'"
+)
 _SQLITE_MERGED = (
     "UPDATE executions SET updated_at = ?1,"
     " step = CASE WHEN w.value->>4 THEN w.value->>2 ELSE executions.step END,"
@@ -260,8 +265,7 @@ _SQLITE_MERGED = (
     " error = CASE WHEN w.value->>6 THEN NULL ELSE executions.error END,"
     " lease_until = CASE WHEN w.value->>6 THEN NULL ELSE executions.lease_until END,"
     " finished_at = CASE WHEN w.value->>6 THEN ?1 ELSE executions.finished_at END"
-    " FROM json_each(?2) AS w WHERE executions.id = w.value->>0"
-    " AND executions.fence = w.value->>1 AND +executions.status = 'running'"
+    " FROM json_each(?2) AS w WHERE " + _SQLITE_HOLDS
 )
 # ... and its rows in a few multi-row inserts of power-of-two sizes, in order
 _SQLITE_CHUNK = 256
@@ -269,8 +273,7 @@ _SQLITE_CHUNK = 256
 # executions: each found by primary key, the JSON the outer loop
 _SQLITE_HELD = (
     "SELECT json_group_array(w.key) FROM json_each(?1) AS w CROSS JOIN executions"
-    " WHERE executions.id = w.value->>0 AND executions.fence = w.value->>1"
-    " AND +executions.status = 'running'"
+    " WHERE " + _SQLITE_HOLDS
 )
 
 
