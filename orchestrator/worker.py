@@ -356,10 +356,18 @@ class Worker:
         return claimed
 
     async def _release_orphans(self) -> None:
-        released = await self.store.release_orphans(self.id, list(self._running))
+        # what runs now is kept; a run the outage interrupts while this waits on
+        # the store is in that set, so it keeps its lease, sets _orphans again,
+        # and is given back next time (not left to expire as a crashed worker's)
+        running = set(self._running)
         self._orphans = False
-        with self._held_lock:  # given back: no lease of theirs to keep any more
-            for ex_id in [i for i in self._held if i not in self._running]:
+        try:
+            released = await self.store.release_orphans(self.id, list(running))
+        except StoreUnavailable:
+            self._orphans = True
+            raise
+        with self._held_lock:  # given back, or no longer ours: no lease to keep
+            for ex_id in [i for i in self._held if i not in running]:
                 del self._held[ex_id]
         if released:
             log.info(
