@@ -12,11 +12,13 @@ hold a SQLite file's lock from another process.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,9 +32,11 @@ from sqlalchemy import exc as sa_exc
 
 from orchestrator.client import Client
 from orchestrator.errors import StoreUnavailable
+from orchestrator.runner import Outcome
 from orchestrator.settings import Settings
 from orchestrator.store import Store
-from orchestrator.store.outage import classify
+from orchestrator.store.engine import masked, run_transaction
+from orchestrator.store.outage import classify, outages
 from orchestrator.worker import Worker, WorkerOptions
 
 from .conftest import chain_machine, run_async, wait_until, write_machine
@@ -152,6 +156,41 @@ def test_a_commit_that_fails_is_not_run_again_and_says_it_is_uncertain(
         assert _per_worker(store) == (2 if lost_reply else 1)
     finally:
         run_async(store.close())
+
+
+def test_a_transaction_begun_before_the_outage_does_not_say_the_store_is_back(store, caplog):
+    """One thread's connection is reset and it says the store is away; another
+    thread's transaction, begun before, commits a moment later (its answer
+    came before the cut). That proves nothing: one line when the store went,
+    and one when a transaction begun since has answered."""
+    engine = store.db.engine
+    where = masked(engine.url)
+    inside, finish = threading.Event(), threading.Event()
+
+    def slow(conn):
+        conn.execute(sa.text("SELECT 1"))
+        inside.set()
+        finish.wait(30)
+
+    caplog.set_level(logging.WARNING, logger="orchestrator.store")
+    before = threading.Thread(
+        target=run_transaction, args=(engine, slow), kwargs=dict(write=False, patience=5)
+    )
+    before.start()
+    try:
+        assert inside.wait(30)
+        outages.down(where, OSError("connection reset by peer"))  # another thread's
+    finally:
+        finish.set()
+        before.join(30)
+    assert outages.is_down(where), "a transaction begun before the outage said it was over"
+    run_transaction(engine, lambda conn: conn.execute(sa.text("SELECT 1")), write=False, patience=5)
+    assert not outages.is_down(where)
+    lines = [r.getMessage() for r in caplog.records if where in r.getMessage()]
+    assert [line.split(where)[1].split(" (")[0].split(" after")[0] for line in lines] == [
+        " is not answering",
+        " is answering again",
+    ], lines
 
 
 def test_patience_bounds_the_wait_and_other_errors_pass_at_once(settings, faults):
@@ -353,6 +392,62 @@ def test_a_fault_at_any_statement_of_a_run_fails_nothing(db_url, tmp_path, fault
     assert reclaimed > len(plan) // 3 and reruns > 5, (reclaimed, reruns, len(plan))
 
 
+def test_a_run_interrupted_while_the_worker_gives_back_others_is_given_back_too(
+    store, settings, tmp_path, monkeypatch
+):
+    """The store answers again and the worker gives back the runs the outage
+    interrupted. A run interrupted in that very moment (its write gave up as
+    the give-back waited on the store) keeps its lease and is given back at
+    the next round; it is not left to expire as a crashed worker's would."""
+    machine = chain_machine(tmp_path / "one.yml", ["add"])
+    first, second = submit_direct(settings.database_url, machine, [{}, {}])
+    registry = HooksRegistry()
+    registry.register("effects", MachineHooks)
+
+    async def go() -> tuple[dict[str, int], dict[str, int]]:
+        worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
+        gates = {first: asyncio.Event(), second: asyncio.Event()}
+        never = asyncio.Event()
+
+        async def run(claim):  # the runner's outcome when its write gave up on the store
+            await (gates[claim.execution.id] if claim.fence == 1 else never).wait()
+            return Outcome(status="interrupted")
+
+        async def ended(ex_id: str) -> None:
+            while ex_id in worker._running:
+                await asyncio.sleep(0)
+
+        monkeypatch.setattr(worker.runner, "run", run)
+        assert await worker.claim() == 2
+        gates[first].set()  # interrupted during the outage
+        await ended(first)
+        give_back = store.release_orphans
+
+        async def give_back_as_second_is_interrupted(worker_id, running):
+            released = await give_back(worker_id, running)
+            gates[second].set()
+            await ended(second)
+            return released
+
+        monkeypatch.setattr(store, "release_orphans", give_back_as_second_is_interrupted)
+        await worker.claim()  # the store answers: first is given back and claimed again
+        monkeypatch.setattr(store, "release_orphans", give_back)
+        held_between = worker.held_leases()
+        await worker.claim()  # the next round gives back second, and claims it again
+        held = worker.held_leases()
+        await worker._release_all()
+        return held_between, held
+
+    held_between, held = run_async(go())
+    # between the rounds the keeper still renews second's lease (fence 1)
+    assert held_between == {first: 2, second: 1}
+    rows = {ex.id: ex for ex in run_async(store.list_executions(limit=10))}
+    assert held == {first: 2, second: 2}
+    # each was given back and claimed afresh; neither was taken as a crash's
+    for ex in rows.values():
+        assert (ex.fence, ex.recoveries, ex.attempt) == (2, 0, 1), ex
+
+
 # ------------------------------------------------------------ real outages
 
 
@@ -379,6 +474,18 @@ def _outage_lines(log: str) -> str:
     """A worker log's lines about the store going and coming, and what it gave back."""
     keep = ("answering", "gave back", "WARNING", "ERROR")
     return "\n".join(line for line in log.splitlines() if any(k in line for k in keep))
+
+
+def _lines_about(ex_id: str, procs) -> str:
+    """What each worker's log says about one execution, and about the outages."""
+    return "\n\n".join(
+        "\n".join(
+            line
+            for line in p.log().splitlines()
+            if ex_id in line or "answering" in line or "gave back" in line
+        )
+        for p in procs
+    )
 
 
 def _statuses(store: Store) -> Counter:
@@ -418,7 +525,7 @@ def test_database_cut_twice_under_two_workers_fails_nothing(
         assert ex.id in ids
         assert (ex.status, ex.attempt, ex.output["acc"]) == ("completed", 1, 4), ex
         # no lease ran out: the lease keepers lived through both outages
-        assert ex.recoveries == 0 and ex.error is None, ex
+        assert ex.recoveries == 0 and ex.error is None, (ex, _lines_about(ex.id, procs))
         exits = Counter(
             h.state for h in run_async(pg_store.history(ex.id)) if h.event == "state_exit"
         )

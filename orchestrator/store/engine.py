@@ -111,6 +111,7 @@ def _retrying(once: Callable[[_Attempt], T], *, where: str, write: bool, patienc
     backoff = outage.Backoff(first=0.05, cap=1.0)
     while True:
         attempt = _Attempt()
+        begun = time.monotonic()
         try:
             result = once(attempt)
         except Exception as exc:
@@ -135,7 +136,7 @@ def _retrying(once: Callable[[_Attempt], T], *, where: str, write: bool, patienc
             time.sleep(delay)
             slept += delay
             continue
-        outage.outages.up(where)
+        outage.outages.up(where, begun)
         return result
 
 

@@ -144,15 +144,20 @@ class OutageLog:
             self._down_since[where] = time.monotonic()
         log.warning("database %s is not answering (%s); waiting for it", where, reason(exc))
 
-    def up(self, where: str) -> None:
+    def up(self, where: str, begun: float) -> None:
+        """A transaction begun at ``begun`` (time.monotonic()) has committed.
+
+        One begun before the outage was seen proves nothing: its last answer
+        may have come just before the connections went (another thread's,
+        say). The store is back when a transaction begun since answers."""
         if where not in self._down_since:  # the common case, without the lock
             return
         with self._lock:
-            since = self._down_since.pop(where, None)
-        if since is not None:
-            log.warning(
-                "database %s is answering again after %.1fs", where, time.monotonic() - since
-            )
+            since = self._down_since.get(where)
+            if since is None or begun < since:
+                return
+            del self._down_since[where]
+        log.warning("database %s is answering again after %.1fs", where, time.monotonic() - since)
 
     def is_down(self, where: str) -> bool:
         return where in self._down_since
