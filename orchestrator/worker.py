@@ -153,8 +153,9 @@ class LeaseKeeper(threading.Thread):
         try:
             while not self._stop_event.wait(wait):
                 wait = interval
+                held = w.held_leases()
                 try:
-                    lost, status = await store.renew_leases(w.id, w.held_leases())
+                    lost, status = await store.renew_leases(w.id, held)
                     paused = await store.paused_queues(w.options.queues)
                 except StoreUnavailable:
                     # the store logs the outage once; try again soon, not a tick
@@ -168,7 +169,7 @@ class LeaseKeeper(threading.Thread):
                 if away:  # it answers again: the worker need not wait out its backoff
                     away = False
                     w.on_store_back()
-                w.on_renewed(lost, status)
+                w.on_renewed(held, lost, status)
                 w.paused = frozenset(paused)
         finally:
             await store.close()
@@ -257,11 +258,12 @@ class Worker:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._wake.set)
 
-    def on_renewed(self, lost: set[str], status: str | None) -> None:
-        """Called from the keeper thread after each renewal."""
+    def on_renewed(self, held: dict[str, int], lost: set[str], status: str | None) -> None:
+        """Called from the keeper thread after each renewal of ``held`` (the
+        leases it read, with their fences); ``lost``: those whose fence moved on."""
         assert self._loop is not None
         if lost:
-            self._loop.call_soon_threadsafe(self._abandon, lost)
+            self._loop.call_soon_threadsafe(self._abandon, {i: held[i] for i in lost})
         if status == "draining":
             self._loop.call_soon_threadsafe(self.request_drain)
 
@@ -487,12 +489,14 @@ class Worker:
             self._lost.discard(ex_id)
             self._wake.set()
 
-    def _abandon(self, lost: set[str]) -> None:
-        """Stop runs whose claim moved on: taken over, or cancelled."""
+    def _abandon(self, lost: dict[str, int]) -> None:
+        """Stop runs whose claim (id: fence) moved on: taken over, or cancelled.
+        A run under a newer claim, this worker's own since the keeper read its
+        leases (given back and claimed again at once), is not the one lost."""
         stopped = []
-        for ex_id in lost:
+        for ex_id, fence in lost.items():
             entry = self._running.get(ex_id)
-            if entry is None:
+            if entry is None or entry[1].fence != fence:
                 continue
             self._lost.add(ex_id)
             entry[0].cancel()

@@ -2,21 +2,26 @@
 
 Side effects are counted from the effects file the test hooks append to
 (tests/apps/testapp.py), and ownership is read from the store, never from logs.
+At the end, a worker in this process, for an interleaving no timing would make sure of.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from flatmachines import HooksRegistry, MachineHooks
 
 from orchestrator.client import Client
 from orchestrator.clock import utcnow
+from orchestrator.runner import Outcome
 from orchestrator.settings import Settings
 from orchestrator.store import Store
+from orchestrator.worker import Worker, WorkerOptions
 
 from .conftest import chain_machine, run_async, wait_until, write_machine
 
@@ -399,3 +404,53 @@ def test_orch_worker_runs_settled(db_url, store, tmp_path, effects, workers):
     context = json.loads(run_async(store.checkpoint_at(ex_id, seq=last.seq)).snapshot)["context"]
     assert context["switch_interval"] == pytest.approx(SWITCH_INTERVAL)
     assert context["gc_threshold"] == list(GC_THRESHOLDS)
+
+
+# ----------------------------------------------- a worker's own bookkeeping
+
+
+def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
+    store, settings, tmp_path, monkeypatch
+):
+    """The lease keeper reads the worker's leases, then renews them. If in
+    between the execution was given back and claimed again by this same worker
+    (a timer or a signal made it runnable at once), the store reports the
+    claim it read as lost; the run under the newer claim goes on, its lease
+    kept."""
+    machine = chain_machine(tmp_path / "one.yml", ["add"])
+    [ex_id] = submit(settings.database_url, machine, [{}])
+    registry = HooksRegistry()
+    registry.register("effects", MachineHooks)
+
+    async def go():
+        worker = Worker(store, registry, WorkerOptions(concurrency=1), settings)
+        worker._loop = asyncio.get_running_loop()
+        hold = asyncio.Event()
+
+        async def run(claim):  # the first run parks and is woken at once; the second runs on
+            if claim.fence == 1:
+                await store.release(claim)
+                return Outcome("requeued", channel="go")
+            await hold.wait()
+            return Outcome("interrupted")
+
+        monkeypatch.setattr(worker.runner, "run", run)
+        assert await worker.claim() == 1
+        read = worker.held_leases()  # the keeper reads the leases ...
+        while ex_id in worker._running:
+            await asyncio.sleep(0)
+        assert await worker.claim() == 1  # ... the same worker claims it again ...
+        task, claim = worker._running[ex_id]
+        lost, status = await store.renew_leases(worker.id, read)  # ... then renews
+        assert (read, lost, claim.fence) == ({ex_id: 1}, {ex_id}, 2)
+        worker.on_renewed(read, lost, status)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        out = (task.done(), worker.held_leases())
+        await worker._release_all()
+        return out
+
+    done, held = run_async(go())
+    assert (done, held) == (False, {ex_id: 2}), "the newer claim's run was stopped"
+    ex = run_async(store.get(ex_id))
+    assert (ex.fence, ex.recoveries) == (2, 0)
