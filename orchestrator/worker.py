@@ -199,7 +199,7 @@ class Worker:
         self._running: dict[str, tuple[asyncio.Task, Claim]] = {}
         self._held_lock = threading.Lock()
         self._held: dict[str, int] = {}
-        self._lost: set[str] = set()
+        self._lost: set[tuple[str, int]] = set()  # (id, fence) of runs stopped as lost
         self._wake = asyncio.Event()
         self._drain_requested = False
         self._hard_stop = False
@@ -472,7 +472,7 @@ class Worker:
             elif outcome.status != "interrupted":
                 log.info("%s %s", outcome.status, ex_id)
         except asyncio.CancelledError:
-            if ex_id not in self._lost:
+            if (ex_id, claim.fence) not in self._lost:
                 # stopped by a drain: give it back; it resumes from its last checkpoint
                 try:
                     await asyncio.shield(self.store.release(claim))
@@ -482,11 +482,14 @@ class Worker:
         except Exception:
             log.exception("worker error while running %s", ex_id)
         finally:
-            if not interrupted:
-                with self._held_lock:
-                    self._held.pop(ex_id, None)
-            self._running.pop(ex_id, None)
-            self._lost.discard(ex_id)
+            # this claim's entries only: the execution may be claimed again
+            # (requeued, or retried at once) before this task has ended
+            with self._held_lock:
+                if not interrupted and self._held.get(ex_id) == claim.fence:
+                    del self._held[ex_id]
+            if (entry := self._running.get(ex_id)) is not None and entry[1] is claim:
+                del self._running[ex_id]
+            self._lost.discard((ex_id, claim.fence))
             self._wake.set()
 
     def _abandon(self, lost: dict[str, int]) -> None:
@@ -498,7 +501,7 @@ class Worker:
             entry = self._running.get(ex_id)
             if entry is None or entry[1].fence != fence:
                 continue
-            self._lost.add(ex_id)
+            self._lost.add((ex_id, fence))
             entry[0].cancel()
             stopped.append(ex_id)
         if stopped:

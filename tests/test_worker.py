@@ -454,3 +454,39 @@ def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
     assert (done, held) == (False, {ex_id: 2}), "the newer claim's run was stopped"
     ex = run_async(store.get(ex_id))
     assert (ex.fence, ex.recoveries) == (2, 0)
+
+
+def test_a_run_that_ends_after_its_execution_was_claimed_again_leaves_the_new_claim_alone(
+    store, settings, tmp_path, monkeypatch
+):
+    """A run gives its execution back (a signal was ready as it parked, or a
+    retry is due at once), and before its task has ended, the worker's claim
+    loop has claimed the execution again. The old task's end must not drop
+    the new claim's lease, nor its place among the running."""
+    machine = chain_machine(tmp_path / "one.yml", ["add"])
+    [ex_id] = submit(settings.database_url, machine, [{}])
+    registry = HooksRegistry()
+    registry.register("effects", MachineHooks)
+
+    async def go():
+        worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
+        hold = asyncio.Event()
+
+        async def run(claim):
+            if claim.fence == 1:
+                await store.release(claim)  # runnable again at once ...
+                assert await worker.claim() == 1  # ... and the claim loop took it
+                return Outcome("requeued", channel="go")
+            await hold.wait()
+            return Outcome("interrupted")
+
+        monkeypatch.setattr(worker.runner, "run", run)
+        assert await worker.claim() == 1
+        first = worker._running[ex_id][0]
+        await asyncio.wait_for(asyncio.shield(first), 30)
+        out = (worker.held_leases(), {i: c.fence for i, (_, c) in worker._running.items()})
+        await worker._release_all()
+        return out
+
+    held, running = run_async(go())
+    assert (held, running) == ({ex_id: 2}, {ex_id: 2})
