@@ -409,6 +409,15 @@ def test_orch_worker_runs_settled(db_url, store, tmp_path, effects, workers):
 # ----------------------------------------------- a worker's own bookkeeping
 
 
+def _one_execution(settings: Settings, tmp_path: Path) -> tuple[str, HooksRegistry]:
+    """One execution submitted, and a registry with the hooks it needs (a test
+    stands in for its runs, to make the interleaving it is about)."""
+    [ex_id] = submit(settings.database_url, chain_machine(tmp_path / "one.yml", ["add"]), [{}])
+    registry = HooksRegistry()
+    registry.register("effects", MachineHooks)
+    return ex_id, registry
+
+
 def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
     store, settings, tmp_path, monkeypatch
 ):
@@ -417,10 +426,7 @@ def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
     (a timer or a signal made it runnable at once), the store reports the
     claim it read as lost; the run under the newer claim goes on, its lease
     kept."""
-    machine = chain_machine(tmp_path / "one.yml", ["add"])
-    [ex_id] = submit(settings.database_url, machine, [{}])
-    registry = HooksRegistry()
-    registry.register("effects", MachineHooks)
+    ex_id, registry = _one_execution(settings, tmp_path)
 
     async def go():
         worker = Worker(store, registry, WorkerOptions(concurrency=1), settings)
@@ -463,10 +469,7 @@ def test_a_run_that_ends_after_its_execution_was_claimed_again_leaves_the_new_cl
     retry is due at once), and before its task has ended, the worker's claim
     loop has claimed the execution again. The old task's end must not drop
     the new claim's lease, nor its place among the running."""
-    machine = chain_machine(tmp_path / "one.yml", ["add"])
-    [ex_id] = submit(settings.database_url, machine, [{}])
-    registry = HooksRegistry()
-    registry.register("effects", MachineHooks)
+    ex_id, registry = _one_execution(settings, tmp_path)
 
     async def go():
         worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
