@@ -29,6 +29,8 @@ from .errors import StoreUnavailable, UserError, WaitTimeout
 # the engine (SQLAlchemy, flatmachines) loads in the commands that use it, so
 # `orch --help` answers at once
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
     from .api import Orchestrator
     from .schemas import Execution
     from .settings import Settings
@@ -80,20 +82,26 @@ def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def read_settings(ctx: click.Context) -> Settings:
-    """The settings of a command that only reads. On a SQLite file that is not
-    there yet (a command typed in the wrong directory, or before the first
-    submit) it reads an empty store in a directory of its own, removed at exit,
-    rather than create the file where the user stands: the answer is the same
-    (nothing there), and nothing is written. A missing directory, a read-only
-    file and every other case go on to the store's own checks."""
+    """The settings of a command that only reads. Where there is no store yet
+    (a SQLite file that is not there, a command typed in the wrong directory or
+    before the first submit; a server database without orch's tables, perhaps
+    another application's) it reads an empty store in a directory of its own,
+    removed at exit, rather than create one: the answer is the same (nothing
+    there), and nothing is written. A missing directory, a read-only file, a
+    server that does not answer and every other case go on to the store's own
+    checks."""
     settings = settings_from(ctx)
     from .store.engine import parse_url, sqlite_path
 
     try:
-        path = sqlite_path(parse_url(settings.database_url))
+        url = parse_url(settings.database_url)
+        path = sqlite_path(url)
     except UserError as exc:
         fail(str(exc))
-    if path is None or path.exists() or not path.parent.is_dir():
+    if path is None:
+        if not _no_schema_yet(url):
+            return settings
+    elif path.exists() or not path.parent.is_dir():
         return settings
     import atexit
     import shutil
@@ -102,6 +110,23 @@ def read_settings(ctx: click.Context) -> Settings:
     empty = tempfile.mkdtemp(prefix="orch-empty-")
     atexit.register(shutil.rmtree, empty, True)
     return settings.model_copy(update={"database_url": f"sqlite:///{empty}/orch.sqlite"})
+
+
+def _no_schema_yet(url: URL) -> bool:
+    """Whether a server database answers and has no orch schema in it yet. False
+    when that cannot be told (it does not answer, say): the store's own open
+    then says what is wrong."""
+    from .store.engine import create_engine, current_revision
+
+    try:
+        engine = create_engine(url, pooled=False)
+        try:
+            with engine.connect() as conn:
+                return current_revision(conn) is None
+        finally:
+            engine.dispose()
+    except Exception:
+        return False
 
 
 async def open_waiting(settings: Settings) -> Orchestrator:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 import yaml
 from sqlalchemy.engine import make_url
 
@@ -452,25 +453,63 @@ READS = {
 }
 
 
-@pytest.mark.parametrize("case", list(READS))
-def test_a_read_where_there_is_no_sqlite_file_creates_none(case, tmp_path):
-    """A read typed where there is no store yet answers for an empty store and
-    leaves no orch.sqlite behind (SQLite only: the store is a file here)."""
-    args, code, out = READS[case]
-    path = tmp_path / "orch.sqlite"
-    (tmp_path / "tmp").mkdir()
-    r = orch(*args, db_url=f"sqlite:///{path}", cwd=tmp_path, TMPDIR=str(tmp_path / "tmp"))
+def _answers_as_empty(r, code: int, out: str | None) -> None:
     if code == 2:
         assert_usage_error(r, "no execution with id 'nope'")
     else:
         assert r.returncode == 0, r.stderr
         assert r.stdout.startswith(out), r.stdout
+
+
+@pytest.mark.parametrize("case", list(READS))
+def test_a_read_where_there_is_no_sqlite_file_creates_none(case, tmp_path):
+    """A read typed where there is no store yet answers for an empty store and
+    leaves no orch.sqlite behind (SQLite: the store is a file here)."""
+    args, code, out = READS[case]
+    path = tmp_path / "orch.sqlite"
+    (tmp_path / "tmp").mkdir()
+    r = orch(*args, db_url=f"sqlite:///{path}", cwd=tmp_path, TMPDIR=str(tmp_path / "tmp"))
+    _answers_as_empty(r, code, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no store made
     assert list((tmp_path / "tmp").iterdir()) == []  # and the empty one it read is gone
     if case == "show":  # once there is a store, the same command reads it
         counter = str(ROOT / "examples" / "counter.yml")
         ok(orch("submit", counter, "--id", "nope", db_url=f"sqlite:///{path}", cwd=tmp_path))
         assert "nope" in ok(orch(*args, db_url=f"sqlite:///{path}", cwd=tmp_path)).stdout
+
+
+@pytest.mark.parametrize("case", list(READS))
+def test_a_read_of_a_server_database_without_orch_tables_creates_none(case, pg_url, tmp_path):
+    """PostgreSQL: a read pointed at a database (here a schema) where orch has
+    made nothing, another application's say, answers for an empty store and
+    creates no table there."""
+    args, code, out = READS[case]
+    engine = sa.create_engine(pg_url, poolclass=sa.NullPool)
+
+    def tables() -> list[str]:
+        with engine.connect() as conn:
+            return sorted(
+                conn.scalars(
+                    sa.text(
+                        "SELECT table_name FROM information_schema.tables"
+                        " WHERE table_schema = current_schema()"
+                    )
+                )
+            )
+
+    (tmp_path / "tmp").mkdir()
+    try:
+        r = orch(*args, db_url=pg_url, cwd=tmp_path, TMPDIR=str(tmp_path / "tmp"))
+        _answers_as_empty(r, code, out)
+        assert tables() == []  # no schema made
+        assert list((tmp_path / "tmp").iterdir()) == []  # and the empty one it read is gone
+        if case == "show":  # once there is a store, the same command reads it
+            counter = str(ROOT / "examples" / "counter.yml")
+            ok(orch("submit", counter, "--id", "nope", db_url=pg_url, cwd=tmp_path))
+            assert "executions" in tables()
+            assert "nope" in ok(orch(*args, db_url=pg_url, cwd=tmp_path)).stdout
+    finally:
+        engine.dispose()
 
 
 def test_help_and_the_bare_group_still_print_the_help(tmp_path):
