@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -15,7 +16,9 @@ from freezegun import freeze_time
 from orchestrator import Orchestrator
 from orchestrator.settings import Settings
 from tui import OrchApp
+from tui.feed import Feed
 from tui.screens.execution import ExecutionScreen, Timeline
+from tui.screens.main import MainScreen
 from tui.screens.prompts import Confirm, JsonView, Prompt
 from tui.screenshot import PIPELINE, SEEDED_AT, seed
 from tui.widgets import ExecutionsTable, QueuesTable, WorkersTable
@@ -335,3 +338,44 @@ def test_a_database_that_goes_away_shows_a_banner_and_comes_back(pg_url):
         run_async(go())
     finally:
         cut.close()
+
+
+def test_a_read_that_ends_as_the_console_closes_does_not_crash_it(seeded, monkeypatch):
+    """The console quits while a refresh reads the store; the read comes back
+    once the screen's tables are gone, before the screen itself is unmounted.
+    Nothing is left to show it on, and the console closes cleanly (it used to
+    fail with 'No nodes match WorkersTable')."""
+    app = OrchApp(seeded, refresh_every=0.2)
+    gate, entered = asyncio.Event(), asyncio.Event()
+    armed = False
+    read = Feed.overview
+
+    async def overview(self):
+        out = await read(self)
+        if armed:  # held until the console is closing
+            entered.set()
+            await gate.wait()
+        return out
+
+    async def tables_gone(screen) -> None:
+        # the screen's own Unmount, its children already removed: the read
+        # answers now, and the screen waits for it before it stops its workers
+        assert not screen.query(WorkersTable)
+        gate.set()
+        deadline = time.monotonic() + 20
+        while screen._refreshing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    monkeypatch.setattr(Feed, "overview", overview)
+    monkeypatch.setattr(MainScreen, "on_unmount", tables_gone, raising=False)
+
+    async def go():
+        nonlocal armed
+        async with app.run_test(size=(120, 30)) as pilot:
+            workers = app.screen.query_one(WorkersTable)
+            await until(pilot, lambda: workers.row_count == 2, "the workers")
+            armed = True
+            await asyncio.wait_for(entered.wait(), 20)
+
+    run_async(go())
+    assert gate.is_set(), "the read was held until the tables were gone"

@@ -26,10 +26,11 @@ class LiveScreen(Screen):
         try:
             await self._read()
         except NoMatches:
-            if self in self.app.screen_stack:
+            if self.app.is_running and self in self.app.screen_stack:
                 raise
-            # closed (escape) while it read: its widgets are gone, and nothing
-            # is left to show the answer on; the app must not fall over for it
+            # closed while it read (escape, or the console quitting): its widgets
+            # are gone, and nothing is left to show the answer on; the app must
+            # not fall over for it
         finally:
             self._refreshing = False
 
