@@ -32,7 +32,6 @@ from sqlalchemy import exc as sa_exc
 
 from orchestrator.client import Client
 from orchestrator.errors import StoreUnavailable
-from orchestrator.runner import Outcome
 from orchestrator.settings import Settings
 from orchestrator.store import Store
 from orchestrator.store.engine import masked, run_transaction
@@ -390,62 +389,6 @@ def test_a_fault_at_any_statement_of_a_run_fails_nothing(db_url, tmp_path, fault
     reclaimed = sum(rows[ex_id].fence > 1 for ex_id in ids)
     reruns = sum(n - 1 for n in GuardedHooks.runs.values())
     assert reclaimed > len(plan) // 3 and reruns > 5, (reclaimed, reruns, len(plan))
-
-
-def test_a_run_interrupted_while_the_worker_gives_back_others_is_given_back_too(
-    store, settings, tmp_path, monkeypatch
-):
-    """The store answers again and the worker gives back the runs the outage
-    interrupted. A run interrupted in that very moment (its write gave up as
-    the give-back waited on the store) keeps its lease and is given back at
-    the next round; it is not left to expire as a crashed worker's would."""
-    machine = chain_machine(tmp_path / "one.yml", ["add"])
-    first, second = submit_direct(settings.database_url, machine, [{}, {}])
-    registry = HooksRegistry()
-    registry.register("effects", MachineHooks)
-
-    async def go() -> tuple[dict[str, int], dict[str, int]]:
-        worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
-        gates = {first: asyncio.Event(), second: asyncio.Event()}
-        never = asyncio.Event()
-
-        async def run(claim):  # the runner's outcome when its write gave up on the store
-            await (gates[claim.execution.id] if claim.fence == 1 else never).wait()
-            return Outcome(status="interrupted")
-
-        async def ended(ex_id: str) -> None:
-            while ex_id in worker._running:
-                await asyncio.sleep(0)
-
-        monkeypatch.setattr(worker.runner, "run", run)
-        assert await worker.claim() == 2
-        gates[first].set()  # interrupted during the outage
-        await ended(first)
-        give_back = store.release_orphans
-
-        async def give_back_as_second_is_interrupted(worker_id, running):
-            released = await give_back(worker_id, running)
-            gates[second].set()
-            await ended(second)
-            return released
-
-        monkeypatch.setattr(store, "release_orphans", give_back_as_second_is_interrupted)
-        await worker.claim()  # the store answers: first is given back and claimed again
-        monkeypatch.setattr(store, "release_orphans", give_back)
-        held_between = worker.held_leases()
-        await worker.claim()  # the next round gives back second, and claims it again
-        held = worker.held_leases()
-        await worker._release_all()
-        return held_between, held
-
-    held_between, held = run_async(go())
-    # between the rounds the keeper still renews second's lease (fence 1)
-    assert held_between == {first: 2, second: 1}
-    rows = {ex.id: ex for ex in run_async(store.list_executions(limit=10))}
-    assert held == {first: 2, second: 2}
-    # each was given back and claimed afresh; neither was taken as a crash's
-    for ex in rows.values():
-        assert (ex.fence, ex.recoveries, ex.attempt) == (2, 0, 1), ex
 
 
 # ------------------------------------------------------------ real outages

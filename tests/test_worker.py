@@ -409,13 +409,19 @@ def test_orch_worker_runs_settled(db_url, store, tmp_path, effects, workers):
 # ----------------------------------------------- a worker's own bookkeeping
 
 
-def _one_execution(settings: Settings, tmp_path: Path) -> tuple[str, HooksRegistry]:
-    """One execution submitted, and a registry with the hooks it needs (a test
-    stands in for its runs, to make the interleaving it is about)."""
-    [ex_id] = submit(settings.database_url, chain_machine(tmp_path / "one.yml", ["add"]), [{}])
+def _executions(settings: Settings, tmp_path: Path, n: int) -> tuple[list[str], HooksRegistry]:
+    """``n`` executions submitted, and a registry with the hooks they need (a
+    test stands in for their runs, to make the interleaving it is about)."""
+    ids = submit(settings.database_url, chain_machine(tmp_path / "one.yml", ["add"]), [{}] * n)
     registry = HooksRegistry()
     registry.register("effects", MachineHooks)
-    return ex_id, registry
+    return ids, registry
+
+
+async def _ended(worker: Worker, ex_id: str) -> None:
+    """Until the worker's run of ``ex_id`` has ended."""
+    while ex_id in worker._running:
+        await asyncio.sleep(0)
 
 
 def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
@@ -426,7 +432,7 @@ def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
     (a timer or a signal made it runnable at once), the store reports the
     claim it read as lost; the run under the newer claim goes on, its lease
     kept."""
-    ex_id, registry = _one_execution(settings, tmp_path)
+    [ex_id], registry = _executions(settings, tmp_path, 1)
 
     async def go():
         worker = Worker(store, registry, WorkerOptions(concurrency=1), settings)
@@ -443,8 +449,7 @@ def test_a_renewal_that_read_an_older_claim_does_not_stop_the_newer_one(
         monkeypatch.setattr(worker.runner, "run", run)
         assert await worker.claim() == 1
         read = worker.held_leases()  # the keeper reads the leases ...
-        while ex_id in worker._running:
-            await asyncio.sleep(0)
+        await _ended(worker, ex_id)
         assert await worker.claim() == 1  # ... the same worker claims it again ...
         task, claim = worker._running[ex_id]
         lost, status = await store.renew_leases(worker.id, read)  # ... then renews
@@ -469,7 +474,7 @@ def test_a_run_that_ends_after_its_execution_was_claimed_again_leaves_the_new_cl
     retry is due at once), and before its task has ended, the worker's claim
     loop has claimed the execution again. The old task's end must not drop
     the new claim's lease, nor its place among the running."""
-    ex_id, registry = _one_execution(settings, tmp_path)
+    [ex_id], registry = _executions(settings, tmp_path, 1)
 
     async def go():
         worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
@@ -493,3 +498,52 @@ def test_a_run_that_ends_after_its_execution_was_claimed_again_leaves_the_new_cl
 
     held, running = run_async(go())
     assert (held, running) == ({ex_id: 2}, {ex_id: 2})
+
+
+def test_a_run_interrupted_while_the_worker_gives_back_others_is_given_back_too(
+    store, settings, tmp_path, monkeypatch
+):
+    """The store answers again and the worker gives back the runs the outage
+    interrupted. A run interrupted in that very moment (its write gave up as
+    the give-back waited on the store) keeps its lease and is given back at
+    the next round; it is not left to expire as a crashed worker's would."""
+    (first, second), registry = _executions(settings, tmp_path, 2)
+
+    async def go() -> tuple[dict[str, int], dict[str, int]]:
+        worker = Worker(store, registry, WorkerOptions(concurrency=2), settings)
+        gates = {first: asyncio.Event(), second: asyncio.Event()}
+        never = asyncio.Event()
+
+        async def run(claim):  # the runner's outcome when its write gave up on the store
+            await (gates[claim.execution.id] if claim.fence == 1 else never).wait()
+            return Outcome(status="interrupted")
+
+        monkeypatch.setattr(worker.runner, "run", run)
+        assert await worker.claim() == 2
+        gates[first].set()  # interrupted during the outage
+        await _ended(worker, first)
+        give_back = store.release_orphans
+
+        async def give_back_as_second_is_interrupted(worker_id, running):
+            released = await give_back(worker_id, running)
+            gates[second].set()
+            await _ended(worker, second)
+            return released
+
+        monkeypatch.setattr(store, "release_orphans", give_back_as_second_is_interrupted)
+        await worker.claim()  # the store answers: first is given back and claimed again
+        monkeypatch.setattr(store, "release_orphans", give_back)
+        held_between = worker.held_leases()
+        await worker.claim()  # the next round gives back second, and claims it again
+        held = worker.held_leases()
+        await worker._release_all()
+        return held_between, held
+
+    held_between, held = run_async(go())
+    # between the rounds the keeper still renews second's lease (fence 1)
+    assert held_between == {first: 2, second: 1}
+    rows = {ex.id: ex for ex in run_async(store.list_executions(limit=10))}
+    assert held == {first: 2, second: 2}
+    # each was given back and claimed afresh; neither was taken as a crash's
+    for ex in rows.values():
+        assert (ex.fence, ex.recoveries, ex.attempt) == (2, 0, 1), ex
