@@ -74,7 +74,12 @@ class LazyAgentRegistry(AgentAdapterRegistry):
         if not self._loaded:
             from flatmachines.adapters import register_builtin_adapters
 
+            from .sandbox import sandboxed_flatagent_adapter
+
             register_builtin_adapters(self)
+            sandboxed = sandboxed_flatagent_adapter()
+            if sandboxed is not None:  # over the library's own
+                self.register(sandboxed)
             for adapter in self._extra:
                 self.register(adapter)
             self._loaded = True

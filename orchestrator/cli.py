@@ -42,10 +42,10 @@ def _orch(settings: Settings) -> Orchestrator:
     return Orchestrator(settings=settings)
 
 
-def load_machine_file(path: str) -> Any:
+def load_machine_file(path: str, *, allow_outside_refs: bool = False) -> Any:
     from .machine_config import load_machine_file as load
 
-    return load(path)
+    return load(path, allow_outside_refs=allow_outside_refs)
 
 
 T = TypeVar("T")
@@ -271,6 +271,11 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
     type=click.FloatRange(min=0),
     help="With --wait: give up after S seconds (exit 124).",
 )
+@click.option(
+    "--allow-outside-refs",
+    is_flag=True,
+    help="Let the machine name agent, prompt and machine files outside its folder.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 @click.pass_context
 def submit(
@@ -286,6 +291,7 @@ def submit(
     backoff,
     wait,
     timeout,
+    allow_outside_refs,
     as_json,
 ):
     """Enqueue MACHINE.yml; prints the execution id."""
@@ -300,7 +306,7 @@ def submit(
             raise UserError("--backoff must be more than 0 seconds")
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
-        config = load_machine_file(machine)
+        config = load_machine_file(machine, allow_outside_refs=allow_outside_refs)
         async with _orch(settings) as orch:
             if batch:
                 ids = (

@@ -25,6 +25,7 @@ from . import timers
 from .app import LazyAgentRegistry
 from .errors import UserError
 from .routing import hook_names
+from .sandbox import check_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ def _check_structure(config: Any, where: str) -> None:
             f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
             "execution could not resume after a crash; remove it to run under the orchestrator"
         )
+    check_config(config, where)
     errors = validate_flatmachine_config(config, warn=False, strict=False)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -97,27 +99,98 @@ def _check_structure(config: Any, where: str) -> None:
                 )
 
 
-def _embed_children(raw: str, base: Path, seen: frozenset[Path]) -> str:
+def _referenced(base: Path, ref: str, what: str, *, allow_outside: bool) -> Path:
+    """The file a config names, relative to the folder of the file that names
+    it. An absolute path, or one that leads out of that folder, is refused
+    unless allowed: a workflow handed in by someone else must not make the
+    submitting host read its other files. Errors name the path, never what
+    the file holds."""
+    expanded = Path(ref).expanduser()
+    path = (base / expanded).resolve()
+    if not allow_outside and (expanded.is_absolute() or not path.is_relative_to(base.resolve())):
+        raise UserError(
+            f"{what} {ref!r} is outside the machine's folder {base}; move it beside the "
+            "machine, or pass --allow-outside-refs (allow_outside_refs=True) to trust it"
+        )
+    if not path.is_file():
+        raise UserError(f"{what} {ref!r} not found (looked for {path})")
+    return path
+
+
+def _load_referenced(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
+        raise UserError(f"{what} {path} cannot be read as YAML or JSON") from None
+
+
+def _file_refs(config: dict[str, Any], base: Path, *, allow_outside: bool) -> dict[str, Path]:
+    """Check every agent file a config names, before the library reads them:
+    name -> the agent's file."""
+    agents = (config.get("data") or {}).get("agents") or {}
+    found: dict[str, Path] = {}
+    for name, ref in agents.items() if isinstance(agents, dict) else ():
+        if isinstance(ref, dict) and isinstance(ref.get("ref"), str):
+            if not FlatMachine._looks_like_file_ref(ref["ref"]):
+                continue  # an adapter's own name (claude-code, ...), not a file
+            ref = ref["ref"]
+        if isinstance(ref, str):
+            what = f"agent '{name}' file"
+            found[name] = _referenced(base, ref, what, allow_outside=allow_outside)
+            _load_referenced(found[name], what)  # the library's own errors would quote it
+    return found
+
+
+def _embed_prompts(
+    config: dict[str, Any], agent_files: dict[str, Path], base: Path, *, allow_outside: bool
+) -> bool:
+    """An agent's ``prompt: ./file.yml`` goes inline too (flatagents would read
+    it at run time, from the worker's disk), relative to the agent's file."""
+    embedded = False
+    for name, agent in ((config.get("data") or {}).get("agents") or {}).items():
+        body = agent.get("config") if isinstance(agent, dict) and "config" in agent else agent
+        data = body.get("data") if isinstance(body, dict) else None
+        if isinstance(data, dict) and isinstance(data.get("prompt"), str):
+            folder = agent_files[name].parent if name in agent_files else base
+            what = f"agent '{name}' prompt file"
+            path = _referenced(folder, data["prompt"], what, allow_outside=allow_outside)
+            data["prompt"] = _load_referenced(path, what)
+            check_config({"data": data["prompt"]}, str(path))
+            embedded = True
+    return embedded
+
+
+def _embed_refs(
+    raw: str, base: Path, seen: frozenset[Path], agent_files: dict[str, Path], allow_outside: bool
+) -> str:
     """Child machines named by file (``machines: {child: ./child.yml}``) are
     pinned with their parent: their checked, normalised configs go inline, so
-    a worker on another host, in another directory, runs exactly them. A file
-    that is not there is left as it is: the parent's run reports it."""
+    a worker on another host, in another directory, runs exactly them, and
+    never reads a file of its own disk. So do agents' prompt files."""
     config = yaml.safe_load(raw)
     refs = (config.get("data") or {}).get("machines") or {}
-    embedded = False
+    embedded = _embed_prompts(config, agent_files, base, allow_outside=allow_outside)
     for name, ref in list(refs.items()):
         if not isinstance(ref, str):
             continue
-        child = (base / Path(ref).expanduser()).resolve()
-        if not child.is_file() or child in seen:
-            continue
-        refs[name] = yaml.safe_load(load_machine_file(child, _seen=seen).raw)
+        child = _referenced(base, ref, f"machine '{name}' file", allow_outside=allow_outside)
+        if child in seen:
+            raise UserError(f"machine '{name}' file {ref!r} names a machine that contains it")
+        refs[name] = yaml.safe_load(
+            load_machine_file(child, allow_outside_refs=allow_outside, _seen=seen).raw
+        )
         embedded = True
     return yaml.safe_dump(config, sort_keys=False) if embedded else raw
 
 
-def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset()) -> MachineConfig:
-    """Read, check and normalise a workflow file; UserError names what is wrong."""
+def load_machine_file(
+    path: str | Path, *, allow_outside_refs: bool = False, _seen: frozenset[Path] = frozenset()
+) -> MachineConfig:
+    """Read, check and normalise a workflow file; UserError names what is wrong.
+
+    Files it names (agents, their prompts, child machines) must lie in its
+    folder unless ``allow_outside_refs``; all of them are embedded."""
     seen = _seen
     p = Path(path)
     if not p.is_file():
@@ -134,6 +207,7 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{p}: YAML does not parse{at}: {problem}") from None
     _check_structure(config, str(p))
+    agent_files = _file_refs(config, p.parent, allow_outside=allow_outside_refs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,8 +223,10 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
                 logging.getLogger("flatmachines").disabled = False
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         raise UserError(f"{p}: invalid flatmachine: {exc}") from None
+    # the agents' prompts, now embedded, are templates of the workflow too
+    check_config({"data": {"agents": machine.config["data"].get("agents")}}, str(p))
     raw = machine._config_raw or yaml.safe_dump(config, sort_keys=False)
-    raw = _embed_children(raw, p.parent, seen | {p.resolve()})
+    raw = _embed_refs(raw, p.parent, seen | {p.resolve()}, agent_files, allow_outside_refs)
     return MachineConfig(
         name=machine.machine_name,
         raw=raw,

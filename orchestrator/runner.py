@@ -36,7 +36,9 @@ from typing import Any
 
 from flatmachines import FlatMachine, HooksRegistry, __version__
 from flatmachines.persistence import MachineSnapshot
+from flatmachines.persistence import config_hash as hash_of_config
 from flatmachines.utils import check_spec_version
+from jinja2.exceptions import SecurityError
 
 from . import timers
 from .app import LazyAgentRegistry, registered_names
@@ -53,6 +55,7 @@ from .persistence import (
     StoreSignals,
 )
 from .retry import backoff_delay
+from .sandbox import TEMPLATES, GuardedExpressions, WorkflowRefused, refused
 from .store import CheckpointRow, Claim, Store
 
 log = logging.getLogger(__name__)
@@ -159,6 +162,42 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         # no re-hash and no re-put of the config per execution
         self._config_hash = config_hash
         self._lifecycle_hooks = off_loop(self._lifecycle_hooks, hook_threads)
+        # the workflow's templates and conditions are untrusted (sandbox.py)
+        self._jinja_env = TEMPLATES
+        self._expression_engine = GuardedExpressions(self._expression_engine)
+
+    def _render_template(self, template_str: str, variables: dict[str, Any]) -> Any:
+        try:
+            return super()._render_template(template_str, variables)
+        except SecurityError as exc:
+            raise refused(exc) from None
+
+    # Files named by a config were read and embedded at submit; a pinned config
+    # that still names one reached the store some other way, and a worker never
+    # reads a workflow's files from its own disk.
+    def _resolve_agent_file_refs(self) -> None:
+        for name, ref in ((self.config.get("data") or {}).get("agents") or {}).items():
+            if isinstance(ref, str) or (
+                isinstance(ref, dict)
+                and isinstance(ref.get("ref"), str)
+                and self._looks_like_file_ref(ref["ref"])
+            ):
+                raise _names_a_file("agent", name)
+
+    def _resolve_machine_config(self, name: str) -> tuple[dict[str, Any], str]:
+        if isinstance(self.machine_refs.get(name), str):
+            raise _names_a_file("machine", name)
+        return super()._resolve_machine_config(name)
+
+    def _resolve_config(self, name: str) -> dict[str, Any]:
+        if isinstance(self.agent_refs.get(name), str):
+            raise _names_a_file("agent", name)
+        return super()._resolve_config(name)
+
+    def _get_agent_config(self, agent_name: str) -> dict[str, Any] | None:
+        if isinstance((self.data.get("agents") or {}).get(agent_name), str):
+            raise _names_a_file("agent", agent_name)
+        return super()._get_agent_config(agent_name)
 
     def _get_state_hooks(self, state_name: str) -> Any:
         # sync hook methods run on the worker's threads (offloop.py)
@@ -312,24 +351,32 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         self.running_state = state_name  # a wait's deadline is its state's `timeout`
         return await super()._execute_state(state_name, context)
 
-    def _store_trouble(self, error: BaseException) -> bool:
-        if isinstance(error, StoreUnavailable | LeaseLost):
+    def _not_the_workflows(self, error: BaseException) -> bool:
+        # the store's trouble, or something the orchestrator refuses to run
+        if isinstance(error, StoreUnavailable | LeaseLost | WorkflowRefused | SecurityError):
             return True
         return getattr(self.persistence, "broken", None) is not None
 
     def _get_error_recovery_state(self, state_config: dict[str, Any], error: Exception):
-        if self._store_trouble(error):
+        if self._not_the_workflows(error):
             return None  # not the workflow's error: no on_error transition
         return super()._get_error_recovery_state(state_config, error)
 
     async def _run_hook(self, hooks: Any, method_name: str, *args: Any) -> Any:
-        if method_name == "on_error" and self._store_trouble(args[1]):
-            return None  # nor the hooks' to handle: the run is abandoned
+        if method_name == "on_error" and self._not_the_workflows(args[1]):
+            return None  # nor the hooks' to handle: the run is abandoned or refused
         given = passes_through(hooks, method_name)
         if given is not None:
             return args[given]  # the library's default: it hands back what it was given
         self._hooks_called += 1  # it may change the context: no snapshot text is reused
         return await super()._run_hook(hooks, method_name, *args)
+
+
+def _names_a_file(kind: str, name: str) -> WorkflowRefused:
+    return WorkflowRefused(
+        f"the pinned config names a file for {kind} '{name}'; files are read at submit, "
+        "never from a worker's disk: submit the workflow again"
+    )
 
 
 class Runner:
@@ -375,7 +422,13 @@ class Runner:
     async def _load_config(self, config_hash: str) -> None:
         raw = await self.store.get_config(config_hash)
         if raw is None:
-            raise RuntimeError(f"config {config_hash} is missing from the store")
+            raise WorkflowRefused(f"config {config_hash} is missing from the store")
+        if hash_of_config(raw) != config_hash:
+            # changed in the store after submit: whoever changed it chose the code
+            raise WorkflowRefused(
+                f"config does not match its hash ({config_hash[:12]}…): the store's copy was "
+                "changed after submit; nothing of it ran. Submit the workflow again"
+            )
         self.configs.put(config_hash, raw)
 
     def _missing_hooks(self, config: dict[str, Any]) -> set[str]:
@@ -395,6 +448,13 @@ class Runner:
                 outcome = await self._run(claim, persistence)
             except (LeaseLost, StoreUnavailable):
                 raise
+            except (WorkflowRefused, SecurityError) as exc:
+                if persistence.broken is not None:
+                    raise persistence.broken from exc
+                # refused again on every attempt: failed now, not retried
+                error = str(refused(exc) if isinstance(exc, SecurityError) else exc)
+                log.warning("execution %s refused: %s", claim.execution.id, error)
+                return await self._record(claim, persistence, Outcome("failed", error=error))
             except Exception as exc:
                 if persistence.broken is not None:  # the store's trouble, wrapped by the library
                     raise persistence.broken from exc
