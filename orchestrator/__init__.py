@@ -18,6 +18,7 @@ _LAZY = {
     "StoreUnavailable": ".errors",
     "UserError": ".errors",
     "idempotency_key": ".idempotency",
+    "load_machine_file": ".machine_config",
 }
 
 __all__ = list(_LAZY)
