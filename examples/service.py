@@ -14,11 +14,11 @@ waiting out the dead process's leases. SIGTERM or Ctrl-C stops taking
 requests and drains the worker: a running job finishes, or after
 --drain-timeout is given back, to resume at the next start.
 
-A request is checked before anything is written: a POST body is a JSON
-object of at most 4 KiB with only those fields, of the right types, or it is
-answered 400 (413 when larger) with {"error": ...}. A connection that sends
-nothing is closed after --timeout seconds; a burst of connections waits in
-the listen backlog instead of being reset.
+A request is checked before anything is written: a POST body is at most
+4 KiB of {"id": "...", "input": {"rows": ..., "pace": ...}} (each optional)
+and nothing else, or it is answered 400 (413 when larger) with
+{"error": "..."}. A connection that sends nothing is closed after --timeout
+seconds; a burst of connections waits in the listen backlog, not reset.
 """
 
 from __future__ import annotations
@@ -287,13 +287,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.timeout <= 0 or args.drain_timeout < 0:
         parser.error("--timeout must be more than 0 and --drain-timeout not less than 0")
+    out = Path(args.out).resolve()
+    if not out.parent.is_dir():
+        parser.error(f"--out {args.out}: no folder {out.parent} to write it in")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())  # a second one changes nothing: drains end
     try:
-        server = JobServer(
-            ("127.0.0.1", args.port), out=Path(args.out).resolve(), idle_timeout=args.timeout
-        )
+        server = JobServer(("127.0.0.1", args.port), out=out, idle_timeout=args.timeout)
     except OSError as exc:
         print(f"service: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}", file=sys.stderr)
         return 2
