@@ -145,7 +145,8 @@ def test_the_embedded_service_finishes_its_jobs_after_a_restart(db_url, store, t
 
     def start() -> tuple[subprocess.Popen, str]:
         proc = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "service.py"), "--port", "0", "--db", db_url],
+            [sys.executable, str(EXAMPLES / "service.py"), "--port", "0", "--db", db_url]
+            + ["--out", str(target)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -179,7 +180,7 @@ def test_the_embedded_service_finishes_its_jobs_after_a_restart(db_url, store, t
             code, doc = call(
                 base,
                 "/jobs",
-                {"id": f"job-{i}", "input": {"rows": 10, "target": str(target), "pace": 0.2}},
+                {"id": f"job-{i}", "input": {"rows": 10, "pace": 0.2}},
             )
             assert code == 202 and doc["id"] == f"job-{i}"
         assert call(base, "/jobs/nope")[0] == 404
