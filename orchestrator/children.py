@@ -117,9 +117,12 @@ class StoreInvoker(QueueInvoker):
         *,
         group: str | None = None,
         mode: str | None = None,
+        pinned: tuple[str, str] | None = None,
     ) -> NewExecution:
+        """The child's row; ``pinned``: its config's (hash, name), when the
+        caller pinned it already for a group of children of one machine."""
         parent = self.claim.execution
-        digest, name = await self.pin(config)
+        digest, name = pinned or await self.pin(config)
         return NewExecution(
             id=execution_id,
             machine=name,
@@ -166,9 +169,15 @@ class ChildrenOnTheStore:
         await self.signal_backend.consume(group)
         members = {m.id: m for m in await self.invoker.store.group_members(group)}
         if len(members) < len(specs):
+            # each machine is pinned once, not once per item (a foreach over
+            # 100,000 items serialised and wrote its config 100,000 times)
+            pinned: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {}
+            for name in dict.fromkeys(name for _, name, _ in specs):
+                config = self._resolve_machine_config(name)[0]
+                pinned[name] = (config, await self.invoker.pin(config))
             new = [
                 await self.invoker.child(
-                    ids[key], self._resolve_machine_config(name)[0], data, group=group, mode=mode
+                    ids[key], pinned[name][0], data, group=group, mode=mode, pinned=pinned[name][1]
                 )
                 for key, name, data in specs
             ]

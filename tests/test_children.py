@@ -430,7 +430,8 @@ def test_bad_lineage_input_is_one_line_exit_2_and_writes_nothing(db_url, store, 
     )
     assert {ex.id for ex in run_async(store.list_executions())} == {"one"}
 
-    # a child machine that does not exist is the parent's error, when it runs
+    # a child machine that does not exist is refused at submit: a worker never
+    # reads a workflow's files from its own disk
     missing = write_machine(
         tmp_path / "missing.yml",
         {
@@ -446,7 +447,8 @@ def test_bad_lineage_input_is_one_line_exit_2_and_writes_nothing(db_url, store, 
             },
         },
     )
-    submit(db_url, missing, "orphaned")
-    assert workers(db_url, "--app", "testapp", "--burst", **env(tmp_path)).wait() == 0
-    ex = get(store, "orphaned")
-    assert ex.status == "failed" and "not-there.yml" in ex.error
+    usage_error(
+        orch("submit", str(missing), "--id", "orphaned", db_url=db_url),
+        "machine 'child' file './not-there.yml' not found",
+    )
+    assert {ex.id for ex in run_async(store.list_executions())} == {"one"}
