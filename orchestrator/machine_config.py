@@ -11,14 +11,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend
+from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend, __version__
 from flatmachines.persistence import config_hash
+from flatmachines.utils import check_spec_version
 from flatmachines.validation import validate_flatmachine_config
 
 from . import timers
@@ -35,11 +37,48 @@ class MachineConfig:
     hook_names: frozenset[str]
 
 
+# libyaml's parser and emitter, where PyYAML was built with it: a 10,000-state
+# machine parses in about a second instead of ten. The pure-Python classes
+# give the same data and the same text, only slower.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text as ``yaml.safe_load`` does."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader
+
+
+def _dump_yaml(config: Any) -> str:
+    """A config's pinned text: what the library's ``_capture_config_raw``
+    writes (``yaml.dump(..., default_flow_style=False, sort_keys=False)``)."""
+    return yaml.dump(config, Dumper=_SafeDumper, default_flow_style=False, sort_keys=False)
+
+
 class _AnyHooks(HooksRegistry):
     """Resolves every hooks name to no-op hooks: a submit checks shape, not hooks."""
 
     def resolve(self, ref: Any) -> MachineHooks:
         return MachineHooks()
+
+
+class _CheckedMachine(FlatMachine):
+    """The library's machine, built once at submit to check a config that
+    ``_check_structure`` has just validated: no second schema pass, and its
+    normalised text written by ``_dump_yaml``."""
+
+    def _capture_config_raw(self) -> str | None:
+        return _dump_yaml(self.config) if self.config else None
+
+    def _validate_spec(self) -> None:
+        # the library's envelope checks, without its schema pass
+        if self.config.get("spec") != "flatmachine":
+            raise ValueError(
+                f"Invalid spec: expected 'flatmachine', got '{self.config.get('spec')}'"
+            )
+        if "data" not in self.config:
+            raise ValueError("Config missing 'data' section")
+        self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
 
 
 def _check_structure(config: Any, where: str) -> None:
@@ -97,23 +136,32 @@ def _check_structure(config: Any, where: str) -> None:
                 )
 
 
-def _embed_children(raw: str, base: Path, seen: frozenset[Path]) -> str:
+def _child_files(config: dict[str, Any], base: Path, seen: frozenset[Path]) -> dict[str, Path]:
+    """The child machines named by a file that is there, by their name."""
+    refs = (config.get("data") or {}).get("machines") or {}
+    files = {}
+    for name, ref in refs.items():
+        if not isinstance(ref, str):
+            continue
+        child = (base / Path(ref).expanduser()).resolve()
+        if child.is_file() and child not in seen:
+            files[name] = child
+    return files
+
+
+def _embed_children(raw: str, config: dict[str, Any], base: Path, seen: frozenset[Path]) -> str:
     """Child machines named by file (``machines: {child: ./child.yml}``) are
     pinned with their parent: their checked, normalised configs go inline, so
     a worker on another host, in another directory, runs exactly them. A file
     that is not there is left as it is: the parent's run reports it."""
-    config = yaml.safe_load(raw)
-    refs = (config.get("data") or {}).get("machines") or {}
-    embedded = False
-    for name, ref in list(refs.items()):
-        if not isinstance(ref, str):
-            continue
-        child = (base / Path(ref).expanduser()).resolve()
-        if not child.is_file() or child in seen:
-            continue
-        refs[name] = yaml.safe_load(load_machine_file(child, _seen=seen).raw)
-        embedded = True
-    return yaml.safe_dump(config, sort_keys=False) if embedded else raw
+    files = _child_files(config, base, seen)
+    if not files:
+        return raw  # the usual case: the text is not parsed again
+    pinned = _load_yaml(raw)
+    refs = pinned["data"]["machines"]
+    for name, child in files.items():
+        refs[name] = _load_yaml(load_machine_file(child, _seen=seen).raw)
+    return _dump_yaml(pinned)
 
 
 def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset()) -> MachineConfig:
@@ -127,20 +175,23 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read machine file {p}: {exc}") from None
     try:
-        config = yaml.safe_load(text)
+        config = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{p}: YAML does not parse{at}: {problem}") from None
     _check_structure(config, str(p))
+    # the library loads a .json file with json, so the pinned config does too
+    given = json.loads(text) if p.suffix == ".json" else config
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("flatmachines").disabled = True
             try:
-                machine = FlatMachine(
-                    config_file=str(p),
+                machine = _CheckedMachine(
+                    config_dict=given,
+                    _config_dir=os.path.dirname(os.path.abspath(os.path.expanduser(p))),
                     hooks_registry=_AnyHooks(),
                     persistence=MemoryBackend(),
                     agent_registry=LazyAgentRegistry(),  # no agent is called to check
@@ -150,7 +201,7 @@ def load_machine_file(path: str | Path, *, _seen: frozenset[Path] = frozenset())
     except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
         raise UserError(f"{p}: invalid flatmachine: {exc}") from None
     raw = machine._config_raw or yaml.safe_dump(config, sort_keys=False)
-    raw = _embed_children(raw, p.parent, seen | {p.resolve()})
+    raw = _embed_children(raw, machine.config, p.parent, seen | {p.resolve()})
     return MachineConfig(
         name=machine.machine_name,
         raw=raw,
@@ -185,7 +236,7 @@ class ConfigCache:
         return self._raw[hash_key]
 
     def put(self, hash_key: str, raw: str) -> dict[str, Any]:
-        parsed = yaml.safe_load(raw)
+        parsed = _load_yaml(raw)
         self._parsed[hash_key] = parsed
         self._raw[hash_key] = raw
         text = _exact_json(parsed)
