@@ -81,6 +81,25 @@ class _CheckedMachine(FlatMachine):
         self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
 
 
+# The checkpoints resume stands on: a state's state_exit is its durability
+# point (runner.py continues after it), and machine_end records the output
+# with the outcome. Without them an execution could not resume or would run
+# committed states again.
+DURABLE_CHECKPOINTS = ("state_exit", "machine_end")
+
+
+def _check_checkpoint_on(events: Any, where: str) -> None:
+    named = events if isinstance(events, list) else []
+    missing = [e for e in DURABLE_CHECKPOINTS if e not in named]
+    if not isinstance(events, list) or missing:
+        listed = ", ".join(missing or DURABLE_CHECKPOINTS)
+        raise UserError(
+            f"{where}: 'persistence: checkpoint_on' must be a list that includes "
+            f"{', '.join(DURABLE_CHECKPOINTS)} (the orchestrator resumes from them); add "
+            f"{listed}, or remove checkpoint_on for the default"
+        )
+
+
 def _check_structure(config: Any, where: str) -> None:
     if not isinstance(config, dict):
         raise UserError(f"{where}: not a flatmachine config (expected a YAML mapping at the top)")
@@ -99,6 +118,8 @@ def _check_structure(config: Any, where: str) -> None:
             f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
             "execution could not resume after a crash; remove it to run under the orchestrator"
         )
+    if isinstance(persistence, dict) and "checkpoint_on" in persistence:
+        _check_checkpoint_on(persistence["checkpoint_on"], where)
     errors = validate_flatmachine_config(config, warn=False, strict=False)
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
