@@ -119,11 +119,27 @@ class Scheduler:
         try:
             # a tick's execution id names the tick: a tick fired by a transaction
             # whose reply was lost is found, not fired again, by the next run
-            fired = await self.store.fire_due_schedules(next_fire)
+            ticks = await self.store.fire_due_schedules(next_fire)
         except StoreUnavailable:
             return []
-        for name, tick, ex in fired:
-            log.info("schedule %s fired for %s: execution %s", name, tick.isoformat(), ex.id)
+        fired = []
+        for t in ticks:
+            if t.execution is not None:
+                log.info(
+                    "schedule %s fired for %s: execution %s",
+                    t.schedule,
+                    t.tick.isoformat(),
+                    t.execution.id,
+                )
+                fired.append((t.schedule, t.tick, t.execution))
+            else:  # skipped or buffered
+                log.info(
+                    "schedule %s %s its tick %s: its last run %s is unfinished",
+                    t.schedule,
+                    t.action,
+                    t.tick.isoformat(),
+                    t.running,
+                )
         return fired
 
     async def _run_machine(self, name: str, hooks_name: str, hooks: MachineHooks) -> dict[str, Any]:

@@ -117,3 +117,42 @@ def test_a_final_state_at_the_step_limit_completes_and_a_retry_goes_on_past_it(d
     shown = orch_json("show", "short", db_url=db_url)
     assert (shown["status"], shown["output"]["acc"]) == ("completed", 2)
     assert ran(tmp_path) == ["s1", "s2", "s1", "s2"]  # exact's, then short's, none again
+
+
+# ------------------------------------------------------------ cron overlap
+
+
+def test_schedule_overlap_is_stored_and_listed(db_url, tmp_path):
+    machine = str(chain_machine(tmp_path / "m.yml", ["add"]))
+    ok(orch("schedule", "add", "plain", machine, "--cron", "* * * * *", db_url=db_url))
+    ok(
+        orch(
+            "schedule",
+            "add",
+            "held",
+            machine,
+            "--cron",
+            "* * * * *",
+            "--overlap",
+            "buffer_one",
+            db_url=db_url,
+        )
+    )
+    listed = orch_json("schedule", "list", db_url=db_url)
+    assert [(s["name"], s["overlap"]) for s in listed] == [
+        ("held", "buffer_one"),
+        ("plain", "skip"),
+    ]
+    assert all(s["buffered_at"] is None and s["last_skipped_at"] is None for s in listed)
+    table = ok(orch("schedule", "list", db_url=db_url)).stdout.splitlines()
+    assert "overlap" in table[0].split()
+    assert "buffer_one" in next(line for line in table if line.startswith("held")).split()
+
+
+def test_an_unknown_overlap_is_one_line_and_writes_nothing(db_url, tmp_path):
+    machine = str(chain_machine(tmp_path / "m.yml", ["add"]))
+    r = orch(
+        "schedule", "add", "n", machine, "--cron", "* * * * *", "--overlap", "pile", db_url=db_url
+    )
+    assert_usage_error(r, "--overlap", "skip", "allow", "buffer_one")
+    assert_nothing_written(db_url)
