@@ -883,7 +883,8 @@ def schedule() -> None:
     default="skip",
     show_default=True,
     help="While the last run is unfinished, a tick submits nothing (skip), another run "
-    "(allow), or one run held until the last one finishes (buffer_one).",
+    "(allow), one run held until the last one finishes (buffer_one), or cancels the "
+    "last run and then submits one (cancel_other).",
 )
 @click.pass_context
 def schedule_add(ctx, name, machine, cron, input_json, queue, overlap):

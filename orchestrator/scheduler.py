@@ -27,7 +27,7 @@ import machines
 from . import stopsignal
 from .clock import utcnow
 from .cron import next_fire
-from .errors import StoreUnavailable
+from .errors import StoreUnavailable, UserError
 from .pool import LocalPool
 from .scaling import Decision, decide
 from .settings import Settings
@@ -120,6 +120,8 @@ class Scheduler:
             # a tick's execution id names the tick: a tick fired by a transaction
             # whose reply was lost is found, not fired again, by the next run
             ticks = await self.store.fire_due_schedules(next_fire)
+            if await self._cancel_for_ticks(ticks):
+                ticks += await self.store.fire_due_schedules(next_fire)  # the held ticks now
         except StoreUnavailable:
             return []
         fired = []
@@ -132,7 +134,7 @@ class Scheduler:
                     t.execution.id,
                 )
                 fired.append((t.schedule, t.tick, t.execution))
-            else:  # skipped or buffered
+            elif t.action != "cancelling":  # skipped or buffered
                 log.info(
                     "schedule %s %s its tick %s: its last run %s is unfinished",
                     t.schedule,
@@ -141,6 +143,21 @@ class Scheduler:
                     t.running,
                 )
         return fired
+
+    async def _cancel_for_ticks(self, ticks: list[Any]) -> bool:
+        """Cancel the runs that held ticks of cancel_other schedules wait for."""
+        cancelled = False
+        for t in ticks:
+            if t.action != "cancelling":
+                continue
+            reason = f"schedule {t.schedule} cancelled it for its tick {t.tick.isoformat()}"
+            try:
+                await self.store.cancel(t.running, reason=reason)
+            except UserError:
+                pass  # it finished meanwhile (or is gone): the held tick goes all the same
+            log.info("schedule %s cancelled its last run %s", t.schedule, t.running)
+            cancelled = True
+        return cancelled
 
     async def _run_machine(self, name: str, hooks_name: str, hooks: MachineHooks) -> dict[str, Any]:
         """One run of a control machine; its states share one hooks object."""

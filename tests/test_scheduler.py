@@ -334,19 +334,29 @@ def test_scale_policy_is_validated(store):
 
 
 def test_overlap_policy_decides_a_tick_by_the_last_run():
-    from orchestrator.overlap import on_tick
+    from orchestrator.overlap import cancels, on_tick
 
-    assert [on_tick(p, running=False, buffered=False) for p in POLICIES] == ["fire"] * 3
+    assert POLICIES == ("skip", "allow", "buffer_one", "cancel_other")
+    assert [on_tick(p, running=False, buffered=False) for p in POLICIES] == ["fire"] * 4
     assert [on_tick(p, running=True, buffered=False) for p in POLICIES] == [
         "skip",
         "fire",
+        "buffer",
         "buffer",
     ]
     assert [on_tick(p, running=True, buffered=True) for p in POLICIES] == [
         "skip",
         "fire",
         "skip",
+        "skip",
     ]
+    assert [cancels(p, running=True, buffered=True) for p in POLICIES] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert not cancels("cancel_other", running=False, buffered=True)
 
 
 def finish_next(store: Store, status: str = "completed") -> str:
@@ -428,6 +438,30 @@ def test_overlap_buffer_one_holds_one_tick_until_the_last_run_finishes(store, tm
     assert sched["last_fired_at"] == datetime(2026, 3, 2, 2, 1)
     assert ticks_of(store) == [
         ("often@2026-03-02T02:00", "completed"),
+        ("often@2026-03-02T02:01", "queued"),
+    ]
+
+
+def test_overlap_cancel_other_cancels_the_last_run_then_fires_the_tick(store, tmp_path, caplog):
+    with freeze_time("2026-03-02 01:59:30", real_asyncio=True) as clock:
+        every_minute(store, tmp_path, overlap="cancel_other")
+        s = scheduler(store)
+        clock.move_to("2026-03-02 02:00:00")
+        assert len(run_async(s.fire_schedules())) == 1
+        claim = run_async(store.claim("w", ["default"]))  # the 02:00 run is running
+        clock.move_to("2026-03-02 02:01:00")
+        with caplog.at_level("INFO", logger="orchestrator.scheduler"):
+            [(_, tick, ex)] = run_async(s.fire_schedules())
+        assert tick == datetime(2026, 3, 2, 2, 1) and ex.id == "often@2026-03-02T02:01"
+        assert "schedule often cancelled its last run often@2026-03-02T02:00" in caplog.text
+        [sched] = run_async(store.list_schedules())
+    old = run_async(store.get("often@2026-03-02T02:00"))
+    assert old.status == "cancelled" and "schedule often" in old.cancel_reason
+    assert old.fence == claim.fence + 1  # its worker's next write is refused
+    assert sched["buffered_at"] is None
+    assert sched["last_fired_at"] == datetime(2026, 3, 2, 2, 1)
+    assert ticks_of(store) == [
+        ("often@2026-03-02T02:00", "cancelled"),
         ("often@2026-03-02T02:01", "queued"),
     ]
 

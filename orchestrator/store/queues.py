@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from ..clock import utcnow
 from ..overlap import DEFAULT as DEFAULT_OVERLAP
-from ..overlap import on_tick
+from ..overlap import cancels, on_tick
 from .db import Database
 from .executions import config_needs, get_in
 from .models import FINAL_STATUSES, executions, queues, scaling_events, schedules, workers
@@ -86,7 +86,8 @@ class Queues:
         schedulers (or a retried transaction) can never fire a tick twice.
         While the schedule's last run (the execution of its last fired tick)
         is unfinished, its overlap policy decides (overlap.py); a tick held by
-        ``buffer_one`` fires on the first pass that finds that run finished.
+        ``buffer_one`` or ``cancel_other`` fires on the first pass that finds
+        that run finished; ``cancelling`` asks the caller to cancel it.
         """
 
         def tx(conn: sa.Connection) -> list[ScheduleTick]:
@@ -128,11 +129,16 @@ class Queues:
                         changes["last_fired_at"] = tick
                         ticks.append(ScheduleTick(sch["name"], tick, "fired", get_in(conn, ex_id)))
                     elif action == "buffer":
-                        changes["buffered_at"] = tick
+                        changes["buffered_at"] = held = tick
                         ticks.append(ScheduleTick(sch["name"], tick, "buffered", running=running))
                     else:
                         changes["last_skipped_at"] = tick
                         ticks.append(ScheduleTick(sch["name"], tick, "skipped", running=running))
+                if held is not None and cancels(
+                    sch["overlap"], running=running is not None, buffered=True
+                ):
+                    # asked again on every pass until the cancel commits
+                    ticks.append(ScheduleTick(sch["name"], held, "cancelling", running=running))
                 if changes:
                     conn.execute(
                         sa.update(schedules)
