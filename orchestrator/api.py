@@ -372,12 +372,13 @@ class Orchestrator:
         cron: str,
         input: dict[str, Any] | None = None,
         queue: str = "default",
+        overlap: str = "skip",
     ) -> Any:
         from .cron import trigger
 
         trigger(cron)  # a bad expression before the machine is even read
         return await self.client.add_schedule(
-            name, _config(machine), cron=cron, input=input, queue=queue
+            name, _config(machine), cron=cron, input=input, queue=queue, overlap=overlap
         )
 
     async def schedules(self) -> list[schemas.Schedule]:

@@ -25,6 +25,7 @@ import click
 
 from .clock import iso
 from .errors import StoreUnavailable, UserError, WaitTimeout
+from .overlap import POLICIES as OVERLAP_POLICIES
 
 # the engine (SQLAlchemy, flatmachines) loads in the commands that use it, so
 # `orch --help` answers at once
@@ -882,8 +883,17 @@ def schedule() -> None:
 @click.option("--cron", required=True, help="Five fields, UTC, e.g. '0 2 * * *'.")
 @click.option("--input", "input_json", help="Input for every run, as a JSON object.")
 @click.option("--queue", default="default", show_default=True)
+@click.option(
+    "--overlap",
+    type=click.Choice(OVERLAP_POLICIES),
+    default="skip",
+    show_default=True,
+    help="While the last run is unfinished, a tick submits nothing (skip), another run "
+    "(allow), one run held until the last one finishes (buffer_one), or cancels the "
+    "last run and then submits one (cancel_other).",
+)
 @click.pass_context
-def schedule_add(ctx, name, machine, cron, input_json, queue):
+def schedule_add(ctx, name, machine, cron, input_json, queue, overlap):
     """Run MACHINE on a cron schedule."""
     from .cron import trigger
 
@@ -894,7 +904,9 @@ def schedule_add(ctx, name, machine, cron, input_json, queue):
         data = parse_input_object(input_json, "--input") if input_json is not None else {}
         config = load_machine_file(machine)
         async with _orch(settings) as orch:
-            first = await orch.add_schedule(name, config, cron=cron, input=data, queue=queue)
+            first = await orch.add_schedule(
+                name, config, cron=cron, input=data, queue=queue, overlap=overlap
+            )
         click.echo(f"schedule '{name}' added; first run {iso(first)}")
 
     run(body)
@@ -913,7 +925,7 @@ def schedule_list(ctx, as_json):
         if as_json:
             emit_json(docs)
             return
-        cols = ["name", "machine", "cron", "queue", "next_fire_at", "last_fired_at"]
+        cols = ["name", "machine", "cron", "queue", "overlap", "next_fire_at", "last_fired_at"]
         _table(cols, [[d[c] for c in cols] for d in docs])
 
     run(body)

@@ -336,13 +336,18 @@ class Client:
         cron: str,
         input: dict[str, Any] | None = None,
         queue: str = "default",
+        overlap: str = "skip",
     ) -> datetime:
-        """Add a cron schedule; returns its first fire time (UTC)."""
+        """Add a cron schedule; returns its first fire time (UTC). ``overlap``:
+        what a tick does while the last run is unfinished (overlap.py)."""
         from .cron import next_fire, trigger
+        from .overlap import POLICIES
 
         trigger(cron)  # validate before anything is written
         if not name or "@" in name:
             raise UserError("a schedule name must be non-empty and must not contain '@'")
+        if overlap not in POLICIES:
+            raise UserError(f"--overlap must be one of {', '.join(POLICIES)} (got {overlap!r})")
         from .machine_config import MachineConfig, load_machine_file
 
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
@@ -356,6 +361,7 @@ class Client:
             input=input or {},
             queue=queue,
             next_fire_at=first,
+            overlap=overlap,
         )
         if not added:
             raise UserError(

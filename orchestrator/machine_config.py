@@ -11,14 +11,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend
+from flatmachines import FlatMachine, HooksRegistry, MachineHooks, MemoryBackend, __version__
 from flatmachines.persistence import config_hash
+from flatmachines.utils import check_spec_version
 from flatmachines.validation import validate_flatmachine_config
 
 from . import timers
@@ -36,11 +39,67 @@ class MachineConfig:
     hook_names: frozenset[str]
 
 
+# libyaml's parser and emitter, where PyYAML was built with it: a 10,000-state
+# machine parses in about a second instead of ten. The pure-Python classes
+# give the same data and the same text, only slower.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse YAML text as ``yaml.safe_load`` does."""
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader
+
+
+def _dump_yaml(config: Any) -> str:
+    """A config's pinned text: what the library's ``_capture_config_raw``
+    writes (``yaml.dump(..., default_flow_style=False, sort_keys=False)``)."""
+    return yaml.dump(config, Dumper=_SafeDumper, default_flow_style=False, sort_keys=False)
+
+
 class _AnyHooks(HooksRegistry):
     """Resolves every hooks name to no-op hooks: a submit checks shape, not hooks."""
 
     def resolve(self, ref: Any) -> MachineHooks:
         return MachineHooks()
+
+
+class _CheckedMachine(FlatMachine):
+    """The library's machine, built once at submit to check a config that
+    ``_check_structure`` has just validated: no second schema pass, and its
+    normalised text written by ``_dump_yaml``."""
+
+    def _capture_config_raw(self) -> str | None:
+        return _dump_yaml(self.config) if self.config else None
+
+    def _validate_spec(self) -> None:
+        # the library's envelope checks, without its schema pass
+        if self.config.get("spec") != "flatmachine":
+            raise ValueError(
+                f"Invalid spec: expected 'flatmachine', got '{self.config.get('spec')}'"
+            )
+        if "data" not in self.config:
+            raise ValueError("Config missing 'data' section")
+        self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+
+
+# The checkpoints resume stands on: a state's state_exit is its durability
+# point (runner.py continues after it), and machine_end records the output
+# with the outcome. Without them an execution could not resume or would run
+# committed states again.
+DURABLE_CHECKPOINTS = ("state_exit", "machine_end")
+
+
+def _check_checkpoint_on(events: Any, where: str) -> None:
+    named = events if isinstance(events, list) else []
+    missing = [e for e in DURABLE_CHECKPOINTS if e not in named]
+    if not isinstance(events, list) or missing:
+        listed = ", ".join(missing or DURABLE_CHECKPOINTS)
+        raise UserError(
+            f"{where}: 'persistence: checkpoint_on' must be a list that includes "
+            f"{', '.join(DURABLE_CHECKPOINTS)} (the orchestrator resumes from them); add "
+            f"{listed}, or remove checkpoint_on for the default"
+        )
 
 
 def _check_structure(config: Any, where: str) -> None:
@@ -61,6 +120,8 @@ def _check_structure(config: Any, where: str) -> None:
             f"{where}: 'persistence: {{enabled: false}}' turns off checkpoints, so the "
             "execution could not resume after a crash; remove it to run under the orchestrator"
         )
+    if isinstance(persistence, dict) and "checkpoint_on" in persistence:
+        _check_checkpoint_on(persistence["checkpoint_on"], where)
     check_config(config, where)
     errors = validate_flatmachine_config(config, warn=False, strict=False)
     if errors:
@@ -120,7 +181,7 @@ def _referenced(base: Path, ref: str, what: str, *, allow_outside: bool) -> Path
 def _load_referenced(path: Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
-        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else _load_yaml(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         raise UserError(f"{what} {path} cannot be read as YAML or JSON") from None
 
@@ -142,46 +203,47 @@ def _file_refs(config: dict[str, Any], base: Path, *, allow_outside: bool) -> di
     return found
 
 
-def _embed_prompts(
-    config: dict[str, Any], agent_files: dict[str, Path], base: Path, *, allow_outside: bool
-) -> bool:
-    """An agent's ``prompt: ./file.yml`` goes inline too (flatagents would read
-    it at run time, from the worker's disk), relative to the agent's file."""
-    embedded = False
-    for name, agent in ((config.get("data") or {}).get("agents") or {}).items():
+def _prompt_files(agents: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(agent name, its ``data``) for each embedded agent whose prompt is a file."""
+    for name, agent in agents.items() if isinstance(agents, dict) else ():
         body = agent.get("config") if isinstance(agent, dict) and "config" in agent else agent
         data = body.get("data") if isinstance(body, dict) else None
         if isinstance(data, dict) and isinstance(data.get("prompt"), str):
-            folder = agent_files[name].parent if name in agent_files else base
-            what = f"agent '{name}' prompt file"
-            path = _referenced(folder, data["prompt"], what, allow_outside=allow_outside)
-            data["prompt"] = _load_referenced(path, what)
-            check_config({"data": data["prompt"]}, str(path))
-            embedded = True
-    return embedded
+            yield name, data
 
 
 def _embed_refs(
-    raw: str, base: Path, seen: frozenset[Path], agent_files: dict[str, Path], allow_outside: bool
+    raw: str,
+    config: dict[str, Any],
+    base: Path,
+    seen: frozenset[Path],
+    agent_files: dict[str, Path],
+    allow_outside: bool,
 ) -> str:
     """Child machines named by file (``machines: {child: ./child.yml}``) are
     pinned with their parent: their checked, normalised configs go inline, so
     a worker on another host, in another directory, runs exactly them, and
-    never reads a file of its own disk. So do agents' prompt files."""
-    config = yaml.safe_load(raw)
-    refs = (config.get("data") or {}).get("machines") or {}
-    embedded = _embed_prompts(config, agent_files, base, allow_outside=allow_outside)
-    for name, ref in list(refs.items()):
-        if not isinstance(ref, str):
-            continue
+    never reads a file of its own disk. So do agents' prompt files
+    (flatagents would read them at run time), relative to the agent's file."""
+    data = config.get("data") or {}
+    children = {n: r for n, r in (data.get("machines") or {}).items() if isinstance(r, str)}
+    if not children and not any(_prompt_files(data.get("agents"))):
+        return raw  # the usual case: the text is not parsed again
+    pinned = _load_yaml(raw)
+    for name, agent_data in _prompt_files(pinned["data"].get("agents")):
+        folder = agent_files[name].parent if name in agent_files else base
+        what = f"agent '{name}' prompt file"
+        path = _referenced(folder, agent_data["prompt"], what, allow_outside=allow_outside)
+        agent_data["prompt"] = _load_referenced(path, what)
+        check_config({"data": agent_data["prompt"]}, str(path))
+    refs = pinned["data"].get("machines") or {}
+    for name, ref in children.items():
         child = _referenced(base, ref, f"machine '{name}' file", allow_outside=allow_outside)
         if child in seen:
             raise UserError(f"machine '{name}' file {ref!r} names a machine that contains it")
-        refs[name] = yaml.safe_load(
-            load_machine_file(child, allow_outside_refs=allow_outside, _seen=seen).raw
-        )
-        embedded = True
-    return yaml.safe_dump(config, sort_keys=False) if embedded else raw
+        loaded = load_machine_file(child, allow_outside_refs=allow_outside, _seen=seen)
+        refs[name] = _load_yaml(loaded.raw)
+    return _dump_yaml(pinned)
 
 
 def load_machine_file(
@@ -200,7 +262,7 @@ def load_machine_file(
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read machine file {p}: {exc}") from None
     try:
-        config = yaml.safe_load(text)
+        config = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -208,13 +270,16 @@ def load_machine_file(
         raise UserError(f"{p}: YAML does not parse{at}: {problem}") from None
     _check_structure(config, str(p))
     agent_files = _file_refs(config, p.parent, allow_outside=allow_outside_refs)
+    # the library loads a .json file with json, so the pinned config does too
+    given = json.loads(text) if p.suffix == ".json" else config
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.getLogger("flatmachines").disabled = True
             try:
-                machine = FlatMachine(
-                    config_file=str(p),
+                machine = _CheckedMachine(
+                    config_dict=given,
+                    _config_dir=os.path.dirname(os.path.abspath(os.path.expanduser(p))),
                     hooks_registry=_AnyHooks(),
                     persistence=MemoryBackend(),
                     agent_registry=LazyAgentRegistry(),  # no agent is called to check
@@ -226,7 +291,8 @@ def load_machine_file(
     # the agents' prompts, now embedded, are templates of the workflow too
     check_config({"data": {"agents": machine.config["data"].get("agents")}}, str(p))
     raw = machine._config_raw or yaml.safe_dump(config, sort_keys=False)
-    raw = _embed_refs(raw, p.parent, seen | {p.resolve()}, agent_files, allow_outside_refs)
+    seen = seen | {p.resolve()}
+    raw = _embed_refs(raw, machine.config, p.parent, seen, agent_files, allow_outside_refs)
     return MachineConfig(
         name=machine.machine_name,
         raw=raw,
@@ -261,7 +327,7 @@ class ConfigCache:
         return self._raw[hash_key]
 
     def put(self, hash_key: str, raw: str) -> dict[str, Any]:
-        parsed = yaml.safe_load(raw)
+        parsed = _load_yaml(raw)
         self._parsed[hash_key] = parsed
         self._raw[hash_key] = raw
         text = _exact_json(parsed)

@@ -69,6 +69,7 @@ CHECKED_SETTINGS = frozenset(
         "lease_ttl",
         "poll_interval",
         "max_recoveries",
+        "max_steps",
         "sqlite_synchronous",
         "sqlite_busy_timeout_ms",
         "store_patience",

@@ -17,6 +17,12 @@ error path. ``PinnedMachine`` passes both straight through instead, and once a
 run has met one, its persistence refuses every later write, so nothing more is
 written under that claim. The worker then gives the execution back to its
 queue and it resumes from its last committed checkpoint.
+
+At ``max_steps`` the library leaves its loop and ends the machine as if it
+had finished, with an empty output. ``PinnedMachine`` keeps the state its run
+would take next; a machine_end with one still due is the step limit, and the
+run fails with it before that machine_end is written, so it can go on from its
+last checkpoint (``orch retry``) under a higher limit.
 """
 
 from __future__ import annotations
@@ -60,8 +66,10 @@ from .store import CheckpointRow, Claim, Store
 
 log = logging.getLogger(__name__)
 
-# A workflow is bounded by its own logic; this only stops a runaway loop.
-MAX_STEPS = 1_000_000
+
+class StepLimitReached(Exception):
+    """The run took ``max_steps`` states without reaching a final one."""
+
 
 # PinnedMachine._save_checkpoint writes the library's snapshot fields itself,
 # in the library's order; were they ever to differ, it takes the library's path
@@ -158,6 +166,9 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         self._fixed_text: tuple | None = None
         self._entered: tuple | None = None
         self._hooks_called = 0
+        # the state this run would take next (None: none, its machine is done)
+        self.due_state: str | None = None
+        self.max_steps: int | None = None
         super().__init__(**kwargs)
         # no re-hash and no re-put of the config per execution
         self._config_hash = config_hash
@@ -242,6 +253,15 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         metadata. A context that plain JSON cannot encode (a dataclass, a
         set, ...) takes the library's own path, with its conversions.
         """
+        if event == "machine_start":
+            self.due_state = self._initial_state
+        elif event == "state_enter":
+            self.due_state = state_name
+        elif event == "state_exit":
+            self.due_state = None  # a final state ends; any other's transition sets it
+        elif event == "machine_end" and self.due_state is not None:
+            # the library's loop stopped at max_steps with a state still to run
+            raise StepLimitReached(self.due_state)
         persistence = self.persistence
         if (
             event not in self.checkpoint_events
@@ -360,16 +380,23 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     def _get_error_recovery_state(self, state_config: dict[str, Any], error: Exception):
         if self._not_the_workflows(error):
             return None  # not the workflow's error: no on_error transition
-        return super()._get_error_recovery_state(state_config, error)
+        recovery = super()._get_error_recovery_state(state_config, error)
+        if recovery:
+            self.due_state = recovery
+        return recovery
 
     async def _run_hook(self, hooks: Any, method_name: str, *args: Any) -> Any:
         if method_name == "on_error" and self._not_the_workflows(args[1]):
             return None  # nor the hooks' to handle: the run is abandoned or refused
         given = passes_through(hooks, method_name)
         if given is not None:
-            return args[given]  # the library's default: it hands back what it was given
-        self._hooks_called += 1  # it may change the context: no snapshot text is reused
-        return await super()._run_hook(hooks, method_name, *args)
+            result = args[given]  # the library's default: it hands back what it was given
+        else:
+            self._hooks_called += 1  # it may change the context: no snapshot text is reused
+            result = await super()._run_hook(hooks, method_name, *args)
+        if method_name in ("on_transition", "on_error") and isinstance(result, str | None):
+            self.due_state = result or None  # where the loop goes next, if it goes on
+        return result
 
 
 def _names_a_file(kind: str, name: str) -> WorkflowRefused:
@@ -390,9 +417,12 @@ class Runner:
         linger: float = DEFAULT_LINGER,
         agent_adapters: list[Any] | None = None,
         hook_threads: int = 4,
+        max_steps: int | None = None,
     ):
         self.store = store
         self.linger = linger
+        # a workflow is bounded by its own logic; this only stops a runaway loop
+        self.max_steps = max_steps if max_steps is not None else store.settings.max_steps
         self.hooks_registry = hooks_registry
         self.configs = ConfigCache()
         self._loading: dict[str, asyncio.Future] = {}
@@ -535,24 +565,17 @@ class Runner:
             _execution_id=ex.id,
         )
         persistence.final_states = frozenset(machine._final_states)
-
-        # the first claim ever of an execution at step 0 (not a fork): nobody can
-        # have written a checkpoint
-        first = claim.fence == 1 and ex.step == 0
-        latest = None if first else await self.store.latest_checkpoint(ex.id)
-        snapshot = MachineSnapshot(**json.loads(latest[1])) if latest else None
-        if snapshot is None or snapshot.event == "machine_start":
-            result = await machine.execute(input=ex.input, max_steps=MAX_STEPS)
-        elif snapshot.event == "machine_end":
-            result = await _end(machine, snapshot, already_saved=True)
-        elif snapshot.event == "state_exit":
-            result = await _continue_after_exit(machine, persistence, snapshot)
-        else:
-            # The state in flight when the last owner stopped runs again (at least
-            # once). The library would number that run step + 1; keep its step so
-            # both runs share one idempotency key.
-            rerun = dataclasses.replace(snapshot, step=snapshot.step - 1)
-            result = await _resume(machine, persistence, rerun)
+        machine.max_steps = self.max_steps
+        try:
+            result = await self._execute(claim, machine, persistence)
+        except StepLimitReached as stopped:
+            return Outcome(
+                "failed",
+                error=f"stopped at the step limit: {self.max_steps} states run and '{stopped}' "
+                f"still to run (ORCH_MAX_STEPS={self.max_steps}); if the workflow is not a "
+                "runaway loop, raise ORCH_MAX_STEPS for the workers and `orch retry "
+                f"{ex.id}` to go on from its last checkpoint",
+            )
 
         if isinstance(result, dict) and result.get("_waiting"):
             channel = str(result.get("_channel"))
@@ -562,6 +585,29 @@ class Runner:
             wake_at = timers.wake_at(channel, deadline, utcnow())
             return Outcome("waiting", channel=channel, wake_at=wake_at)
         return Outcome("completed", output=result)
+
+    async def _execute(
+        self, claim: Claim, machine: PinnedMachine, persistence: FencedPersistence
+    ) -> Any:
+        """The machine's run from where its checkpoints leave it."""
+        ex = claim.execution
+
+        # the first claim ever of an execution at step 0 (not a fork): nobody can
+        # have written a checkpoint
+        first = claim.fence == 1 and ex.step == 0
+        latest = None if first else await self.store.latest_checkpoint(ex.id)
+        snapshot = MachineSnapshot(**json.loads(latest[1])) if latest else None
+        if snapshot is None or snapshot.event == "machine_start":
+            return await machine.execute(input=ex.input, max_steps=self.max_steps)
+        if snapshot.event == "machine_end":
+            return await _end(machine, snapshot, already_saved=True)
+        if snapshot.event == "state_exit":
+            return await _continue_after_exit(machine, persistence, snapshot)
+        # The state in flight when the last owner stopped runs again (at least
+        # once). The library would number that run step + 1; keep its step so
+        # both runs share one idempotency key.
+        rerun = dataclasses.replace(snapshot, step=snapshot.step - 1)
+        return await _resume(machine, persistence, rerun)
 
 
 def _jsonable(value: Any) -> Any:
@@ -579,7 +625,7 @@ async def _end(machine: FlatMachine, snapshot: MachineSnapshot, *, already_saved
 
 
 async def _continue_after_exit(
-    machine: FlatMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
+    machine: PinnedMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
 ) -> Any:
     """Resume after a committed state_exit with the transition, not the state."""
     state = snapshot.current_state
@@ -608,10 +654,11 @@ async def _continue_after_exit(
 
 
 async def _resume(
-    machine: FlatMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
+    machine: PinnedMachine, persistence: FencedPersistence, snapshot: MachineSnapshot
 ) -> Any:
     """execute(resume_from=) from ``snapshot``, handed over in memory, never written:
     the machine's next checkpoint is the first new record."""
     key = f"{snapshot.execution_id}/step_{snapshot.step:06d}_resume.json"
     persistence.resume_snapshot = (key, json.dumps(dataclasses.asdict(snapshot)).encode("utf-8"))
-    return await machine.execute(resume_from=snapshot.execution_id, max_steps=MAX_STEPS)
+    machine.due_state = snapshot.current_state
+    return await machine.execute(resume_from=snapshot.execution_id, max_steps=machine.max_steps)

@@ -27,7 +27,7 @@ import machines
 from . import stopsignal
 from .clock import utcnow
 from .cron import next_fire
-from .errors import StoreUnavailable
+from .errors import StoreUnavailable, UserError
 from .pool import LocalPool
 from .scaling import Decision, decide
 from .settings import Settings
@@ -119,12 +119,45 @@ class Scheduler:
         try:
             # a tick's execution id names the tick: a tick fired by a transaction
             # whose reply was lost is found, not fired again, by the next run
-            fired = await self.store.fire_due_schedules(next_fire)
+            ticks = await self.store.fire_due_schedules(next_fire)
+            if await self._cancel_for_ticks(ticks):
+                ticks += await self.store.fire_due_schedules(next_fire)  # the held ticks now
         except StoreUnavailable:
             return []
-        for name, tick, ex in fired:
-            log.info("schedule %s fired for %s: execution %s", name, tick.isoformat(), ex.id)
+        fired = []
+        for t in ticks:
+            if t.execution is not None:
+                log.info(
+                    "schedule %s fired for %s: execution %s",
+                    t.schedule,
+                    t.tick.isoformat(),
+                    t.execution.id,
+                )
+                fired.append((t.schedule, t.tick, t.execution))
+            elif t.action != "cancelling":  # skipped or buffered
+                log.info(
+                    "schedule %s %s its tick %s: its last run %s is unfinished",
+                    t.schedule,
+                    t.action,
+                    t.tick.isoformat(),
+                    t.running,
+                )
         return fired
+
+    async def _cancel_for_ticks(self, ticks: list[Any]) -> bool:
+        """Cancel the runs that held ticks of cancel_other schedules wait for."""
+        cancelled = False
+        for t in ticks:
+            if t.action != "cancelling":
+                continue
+            reason = f"schedule {t.schedule} cancelled it for its tick {t.tick.isoformat()}"
+            try:
+                await self.store.cancel(t.running, reason=reason)
+            except UserError:
+                pass  # it finished meanwhile (or is gone): the held tick goes all the same
+            log.info("schedule %s cancelled its last run %s", t.schedule, t.running)
+            cancelled = True
+        return cancelled
 
     async def _run_machine(self, name: str, hooks_name: str, hooks: MachineHooks) -> dict[str, Any]:
         """One run of a control machine; its states share one hooks object."""

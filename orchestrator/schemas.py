@@ -153,6 +153,9 @@ class Schedule(_Model):
     input: dict[str, Any]
     next_fire_at: Timestamp
     last_fired_at: Timestamp
+    overlap: str  # skip | allow | buffer_one | cancel_other (overlap.py)
+    buffered_at: Timestamp  # the tick held for after the last run (buffer_one)
+    last_skipped_at: Timestamp
 
 
 class Signal(_Model):

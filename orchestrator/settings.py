@@ -18,6 +18,9 @@ class Settings(BaseSettings):
         0.5, gt=0, description="seconds an idle worker waits between claims"
     )
     max_recoveries: int = Field(5, ge=0, description="crash recoveries before an execution fails")
+    max_steps: int = Field(
+        1_000_000, ge=1, description="states an execution may run before it fails as a runaway loop"
+    )
     # SQLite durability: FULL syncs the WAL on every commit, so a committed
     # checkpoint survives power loss, not only a process crash.
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$")

@@ -194,6 +194,7 @@ class Worker:
             hooks_registry,
             agent_adapters=options.agent_adapters,
             hook_threads=options.concurrency,
+            max_steps=self.settings.max_steps,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running: dict[str, tuple[asyncio.Task, Claim]] = {}

@@ -211,8 +211,9 @@ def test_any_takes_the_first_result_and_cancels_the_others(db_url, store, tmp_pa
 
 
 def test_a_launch_survives_a_parent_killed_before_its_checkpoint(db_url, store, tmp_path, workers):
-    """With no state_exit checkpoints the launching state is not committed when
-    the parent dies right after it; the resumed parent runs it again. One child."""
+    """A final state's state_exit commits with the outcome, so a launching final
+    state is not committed when the parent dies right after it; the resumed
+    parent runs it again. One child."""
     machine = write_machine(
         tmp_path / "launcher.yml",
         {
@@ -221,20 +222,15 @@ def test_a_launch_survives_a_parent_killed_before_its_checkpoint(db_url, store, 
                 "name": "launcher",
                 "machines": {"child": CHILD},
                 "context": {"acc": 0, "crash_after": "input.crash_after"},
-                "persistence": {
-                    "enabled": True,
-                    "backend": "memory",
-                    "checkpoint_on": ["machine_start", "execute", "machine_end"],
-                },
                 "states": {
                     "start": {"type": "initial", "transitions": [{"to": "go"}]},
                     "go": {
+                        "type": "final",
                         "hooks": "effects",
                         "launch": "child",
                         "launch_input": {"n": 7, "sleep": 0},
-                        "transitions": [{"to": "done"}],
+                        "output": {"acc": "context.acc"},
                     },
-                    "done": {"type": "final", "output": {"acc": "context.acc"}},
                 },
             },
         },

@@ -74,3 +74,31 @@ def test_the_head_the_code_needs_is_the_scripts_head():
 
     scripts = ScriptDirectory.from_config(eng._alembic_config())
     assert scripts.get_current_head() == eng.HEAD
+
+
+def test_a_schedule_made_before_overlap_policies_skips_overlapping_ticks(db_url):
+    """0008 gives the schedules already stored the default policy, skip."""
+    from alembic import command
+
+    engine = eng.create_engine(eng.parse_url(db_url), pooled=False)
+    try:
+        with engine.begin() as conn:
+            cfg = eng._alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "0007")
+            conn.exec_driver_sql(
+                "INSERT INTO configs (hash, machine_name, raw, created_at)"
+                " VALUES ('h', 'm', 'spec: flatmachine', '2026-03-02 00:00:00')"
+            )
+            conn.exec_driver_sql(
+                "INSERT INTO schedules (name, machine, config_hash, cron, input, queue,"
+                " next_fire_at, created_at) VALUES ('old', 'm', 'h', '* * * * *', '{}',"
+                " 'default', '2026-03-02 02:00:00', '2026-03-02 00:00:00')"
+            )
+            command.upgrade(cfg, "head")
+            row = conn.exec_driver_sql(
+                "SELECT overlap, buffered_at, last_skipped_at FROM schedules"
+            ).one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == ("skip", None, None)

@@ -11,6 +11,7 @@ from freezegun import freeze_time
 from orchestrator.client import Client
 from orchestrator.clock import utcnow
 from orchestrator.errors import UserError
+from orchestrator.overlap import POLICIES
 from orchestrator.retry import backoff_delay
 from orchestrator.scaling import decide, desired_workers
 from orchestrator.scheduler import Scheduler
@@ -327,3 +328,145 @@ def test_scale_policy_is_validated(store):
     run_async(client.scale("nope", min_workers=1, max_workers=2, create=True))
     [snap] = run_async(store.scaling_snapshot())
     assert (snap["queue"], snap["min_workers"], snap["max_workers"]) == ("nope", 1, 2)
+
+
+# ------------------------------------------------------------ cron overlap
+
+
+def test_overlap_policy_decides_a_tick_by_the_last_run():
+    from orchestrator.overlap import cancels, on_tick
+
+    assert POLICIES == ("skip", "allow", "buffer_one", "cancel_other")
+    assert [on_tick(p, running=False, buffered=False) for p in POLICIES] == ["fire"] * 4
+    assert [on_tick(p, running=True, buffered=False) for p in POLICIES] == [
+        "skip",
+        "fire",
+        "buffer",
+        "buffer",
+    ]
+    assert [on_tick(p, running=True, buffered=True) for p in POLICIES] == [
+        "skip",
+        "fire",
+        "skip",
+        "skip",
+    ]
+    assert [cancels(p, running=True, buffered=True) for p in POLICIES] == [
+        False,
+        False,
+        False,
+        True,
+    ]
+    assert not cancels("cancel_other", running=False, buffered=True)
+
+
+def finish_next(store: Store, status: str = "completed") -> str:
+    claim = run_async(store.claim("w", ["default"]))
+    run_async(store.finish(claim, status=status))
+    return claim.execution.id
+
+
+def every_minute(store: Store, tmp_path, **kw) -> None:
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    run_async(Client(store).add_schedule("often", machine, cron="* * * * *", **kw))
+
+
+def ticks_of(store: Store) -> list[tuple[str, str]]:
+    return sorted((e.id, e.status) for e in run_async(store.list_executions()))
+
+
+def test_a_tick_while_the_last_run_is_unfinished_is_skipped_by_default(store, tmp_path, caplog):
+    with freeze_time("2026-03-02 01:59:30", real_asyncio=True) as clock:
+        every_minute(store, tmp_path)
+        s = scheduler(store)
+        clock.move_to("2026-03-02 02:00:00")
+        assert [t for _, t, _ in run_async(s.fire_schedules())] == [datetime(2026, 3, 2, 2, 0)]
+        clock.move_to("2026-03-02 02:01:00")  # the 02:00 run has not even started
+        with caplog.at_level("INFO", logger="orchestrator.scheduler"):
+            assert run_async(s.fire_schedules()) == []
+        assert "schedule often skipped its tick 2026-03-02T02:01:00" in caplog.text
+        assert "often@2026-03-02T02:00 is unfinished" in caplog.text
+        [sched] = run_async(store.list_schedules())
+        assert sched["overlap"] == "skip"
+        assert sched["last_skipped_at"] == datetime(2026, 3, 2, 2, 1)
+        assert sched["last_fired_at"] == datetime(2026, 3, 2, 2, 0)
+        assert sched["next_fire_at"] == datetime(2026, 3, 2, 2, 2)
+        clock.move_to("2026-03-02 02:05:00")  # still unfinished: the missed ticks too
+        assert run_async(s.fire_schedules()) == []
+        assert ticks_of(store) == [("often@2026-03-02T02:00", "queued")]
+        finish_next(store, "failed")  # a failed run is finished too
+        clock.move_to("2026-03-02 02:06:00")
+        [(_, tick, ex)] = run_async(s.fire_schedules())
+    assert tick == datetime(2026, 3, 2, 2, 6) and ex.id == "often@2026-03-02T02:06"
+    assert ticks_of(store) == [
+        ("often@2026-03-02T02:00", "failed"),
+        ("often@2026-03-02T02:06", "queued"),
+    ]
+
+
+def test_overlap_allow_fires_every_tick(store, tmp_path):
+    with freeze_time("2026-03-02 01:59:30", real_asyncio=True) as clock:
+        every_minute(store, tmp_path, overlap="allow")
+        s = scheduler(store)
+        for minute in (0, 1, 2):
+            clock.move_to(f"2026-03-02 02:0{minute}:00")
+            assert len(run_async(s.fire_schedules())) == 1
+    assert ticks_of(store) == [(f"often@2026-03-02T02:0{m}", "queued") for m in (0, 1, 2)]
+
+
+def test_overlap_buffer_one_holds_one_tick_until_the_last_run_finishes(store, tmp_path):
+    with freeze_time("2026-03-02 01:59:30", real_asyncio=True) as clock:
+        every_minute(store, tmp_path, overlap="buffer_one")
+        s = scheduler(store)
+        clock.move_to("2026-03-02 02:00:00")
+        assert len(run_async(s.fire_schedules())) == 1
+        clock.move_to("2026-03-02 02:01:00")
+        assert run_async(s.fire_schedules()) == []  # held
+        clock.move_to("2026-03-02 02:02:00")
+        assert run_async(s.fire_schedules()) == []  # one is held already: skipped
+        [sched] = run_async(store.list_schedules())
+        assert sched["buffered_at"] == datetime(2026, 3, 2, 2, 1)
+        assert sched["last_skipped_at"] == datetime(2026, 3, 2, 2, 2)
+        clock.move_to("2026-03-02 02:02:20")
+        assert finish_next(store) == "often@2026-03-02T02:00"
+        clock.move_to("2026-03-02 02:02:30")  # no tick due: the held one goes now
+        [(_, tick, ex)] = run_async(s.fire_schedules())
+        assert tick == datetime(2026, 3, 2, 2, 1) and ex.id == "often@2026-03-02T02:01"
+        clock.move_to("2026-03-02 02:03:00")  # the 02:01 run is the last run now
+        assert run_async(s.fire_schedules()) == []
+        [sched] = run_async(store.list_schedules())
+    assert sched["buffered_at"] == datetime(2026, 3, 2, 2, 3)
+    assert sched["last_fired_at"] == datetime(2026, 3, 2, 2, 1)
+    assert ticks_of(store) == [
+        ("often@2026-03-02T02:00", "completed"),
+        ("often@2026-03-02T02:01", "queued"),
+    ]
+
+
+def test_overlap_cancel_other_cancels_the_last_run_then_fires_the_tick(store, tmp_path, caplog):
+    with freeze_time("2026-03-02 01:59:30", real_asyncio=True) as clock:
+        every_minute(store, tmp_path, overlap="cancel_other")
+        s = scheduler(store)
+        clock.move_to("2026-03-02 02:00:00")
+        assert len(run_async(s.fire_schedules())) == 1
+        claim = run_async(store.claim("w", ["default"]))  # the 02:00 run is running
+        clock.move_to("2026-03-02 02:01:00")
+        with caplog.at_level("INFO", logger="orchestrator.scheduler"):
+            [(_, tick, ex)] = run_async(s.fire_schedules())
+        assert tick == datetime(2026, 3, 2, 2, 1) and ex.id == "often@2026-03-02T02:01"
+        assert "schedule often cancelled its last run often@2026-03-02T02:00" in caplog.text
+        [sched] = run_async(store.list_schedules())
+    old = run_async(store.get("often@2026-03-02T02:00"))
+    assert old.status == "cancelled" and "schedule often" in old.cancel_reason
+    assert old.fence == claim.fence + 1  # its worker's next write is refused
+    assert sched["buffered_at"] is None
+    assert sched["last_fired_at"] == datetime(2026, 3, 2, 2, 1)
+    assert ticks_of(store) == [
+        ("often@2026-03-02T02:00", "cancelled"),
+        ("often@2026-03-02T02:01", "queued"),
+    ]
+
+
+def test_an_unknown_overlap_policy_is_refused_before_anything_is_written(store, tmp_path):
+    with pytest.raises(UserError, match="--overlap must be one of skip, allow, buffer_one"):
+        every_minute(store, tmp_path, overlap="pile_up")
+    assert run_async(store.list_schedules()) == []

@@ -196,6 +196,10 @@ schedules = Table(
     Column("next_fire_at", DateTime, nullable=False),
     Column("last_fired_at", DateTime),
     Column("created_at", DateTime, nullable=False),
+    # what a tick does while the last run is unfinished (overlap.py)
+    Column("overlap", String(20), nullable=False, server_default=text("'skip'")),
+    Column("buffered_at", DateTime),  # the tick held for after the last run (buffer_one)
+    Column("last_skipped_at", DateTime),
 )
 
 scaling_events = Table(

@@ -10,10 +10,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..clock import utcnow
+from ..overlap import DEFAULT as DEFAULT_OVERLAP
+from ..overlap import cancels, on_tick
 from .db import Database
 from .executions import config_needs, get_in
-from .models import executions, queues, scaling_events, schedules, workers
-from .records import Execution
+from .models import FINAL_STATUSES, executions, queues, scaling_events, schedules, workers
+from .records import ScheduleTick
 
 
 class Queues:
@@ -30,6 +32,7 @@ class Queues:
         input: dict[str, Any],
         queue: str,
         next_fire_at: datetime,
+        overlap: str = DEFAULT_OVERLAP,
     ) -> bool:
         """False if a schedule of that name exists (nothing changes)."""
 
@@ -51,6 +54,7 @@ class Queues:
                     queue=queue,
                     next_fire_at=next_fire_at,
                     created_at=now,
+                    overlap=overlap,
                 )
                 .on_conflict_do_nothing(index_elements=["name"])
                 .returning(schedules.c.name)
@@ -74,62 +78,78 @@ class Queues:
 
     async def fire_due_schedules(
         self, next_fire: Callable[[str, datetime], datetime]
-    ) -> list[tuple[str, datetime, Execution]]:
+    ) -> list[ScheduleTick]:
         """Submit one execution per due schedule and move it to its next fire time.
 
         A schedule that missed several ticks fires once, for the latest missed
         tick. The execution id names the schedule and the tick, so two
         schedulers (or a retried transaction) can never fire a tick twice.
+        While the schedule's last run (the execution of its last fired tick)
+        is unfinished, its overlap policy decides (overlap.py); a tick held by
+        ``buffer_one`` or ``cancel_other`` fires on the first pass that finds
+        that run finished; ``cancelling`` asks the caller to cancel it.
         """
 
-        def tx(conn: sa.Connection) -> list[tuple[str, datetime, Execution]]:
+        def tx(conn: sa.Connection) -> list[ScheduleTick]:
             now = utcnow()
             due = (
                 conn.execute(
                     sa.select(schedules)
-                    .where(schedules.c.next_fire_at <= now)
+                    .where(
+                        sa.or_(
+                            schedules.c.next_fire_at <= now, schedules.c.buffered_at.is_not(None)
+                        )
+                    )
                     .with_for_update(skip_locked=True)
                 )
                 .mappings()
                 .all()
             )
-            fired = []
+            ticks = []
             for sch in due:
-                tick = sch["next_fire_at"]
-                while (following := next_fire(sch["cron"], tick)) <= now:
-                    tick = following  # missed ticks collapse into the latest one
-                ex_id = f"{sch['name']}@{tick.isoformat(timespec='minutes')}"
-                conn.execute(
-                    self.db.insert(executions)
-                    .values(
-                        id=ex_id,
-                        machine=sch["machine"],
-                        config_hash=sch["config_hash"],
-                        queue=sch["queue"],
-                        priority=0,
-                        status="queued",
-                        input=sch["input"],
-                        attempt=1,
-                        max_attempts=1,
-                        recoveries=0,
-                        needs=config_needs(sch["config_hash"]),
-                        fence=0,
-                        step=0,
-                        created_at=now,
-                        updated_at=now,
+                changes: dict[str, Any] = {}
+                last = sch["last_fired_at"]
+                running = _unfinished(conn, _tick_id(sch["name"], last)) if last else None
+                held = sch["buffered_at"]
+                if held is not None and running is None:
+                    ex_id = _fire(self.db, conn, sch, held, now)
+                    changes.update(last_fired_at=held, buffered_at=None)
+                    ticks.append(ScheduleTick(sch["name"], held, "fired", get_in(conn, ex_id)))
+                    running, held = ex_id, None
+                if sch["next_fire_at"] <= now:
+                    tick = sch["next_fire_at"]
+                    while (following := next_fire(sch["cron"], tick)) <= now:
+                        tick = following  # missed ticks collapse into the latest one
+                    changes["next_fire_at"] = following
+                    action = on_tick(
+                        sch["overlap"], running=running is not None, buffered=held is not None
                     )
-                    .on_conflict_do_nothing(index_elements=["id"])
-                )
-                conn.execute(
-                    sa.update(schedules)
-                    .where(schedules.c.name == sch["name"])
-                    .values(last_fired_at=tick, next_fire_at=following)
-                )
-                fired.append((sch["name"], tick, get_in(conn, ex_id)))
-            return fired
+                    if action == "fire":
+                        ex_id = _fire(self.db, conn, sch, tick, now)
+                        changes["last_fired_at"] = tick
+                        ticks.append(ScheduleTick(sch["name"], tick, "fired", get_in(conn, ex_id)))
+                    elif action == "buffer":
+                        changes["buffered_at"] = held = tick
+                        ticks.append(ScheduleTick(sch["name"], tick, "buffered", running=running))
+                    else:
+                        changes["last_skipped_at"] = tick
+                        ticks.append(ScheduleTick(sch["name"], tick, "skipped", running=running))
+                if held is not None and cancels(
+                    sch["overlap"], running=running is not None, buffered=True
+                ):
+                    # asked again on every pass until the cancel commits
+                    ticks.append(ScheduleTick(sch["name"], held, "cancelling", running=running))
+                if changes:
+                    conn.execute(
+                        sa.update(schedules)
+                        .where(schedules.c.name == sch["name"])
+                        .values(**changes)
+                    )
+            return ticks
 
         out = await self.db.write(tx)
-        await self.db.wake()
+        if any(t.action == "fired" for t in out):
+            await self.db.wake()
         return out
 
     # ------------------------------------------------------------- scaling
@@ -310,3 +330,44 @@ class Queues:
             return [stats[k] for k in sorted(stats)]
 
         return await self.db.read(tx)
+
+
+def _tick_id(schedule: str, tick: datetime) -> str:
+    """The execution id of a schedule's tick."""
+    return f"{schedule}@{tick.isoformat(timespec='minutes')}"
+
+
+def _unfinished(conn: sa.Connection, execution_id: str) -> str | None:
+    """``execution_id`` if that execution exists and has not finished."""
+    return conn.scalar(
+        sa.select(executions.c.id).where(
+            executions.c.id == execution_id, executions.c.status.not_in(FINAL_STATUSES)
+        )
+    )
+
+
+def _fire(db: Database, conn: sa.Connection, sch: Any, tick: datetime, now: datetime) -> str:
+    """Submit a schedule's run for ``tick`` (once: the id names the tick)."""
+    ex_id = _tick_id(sch["name"], tick)
+    conn.execute(
+        db.insert(executions)
+        .values(
+            id=ex_id,
+            machine=sch["machine"],
+            config_hash=sch["config_hash"],
+            queue=sch["queue"],
+            priority=0,
+            status="queued",
+            input=sch["input"],
+            attempt=1,
+            max_attempts=1,
+            recoveries=0,
+            needs=config_needs(sch["config_hash"]),
+            fence=0,
+            step=0,
+            created_at=now,
+            updated_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+    return ex_id

@@ -159,3 +159,17 @@ class WaitEnd:
     committed with the next durable write of its progress."""
 
     consumed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleTick:
+    """A cron schedule's due tick and what it did (overlap.py): ``fired`` its
+    ``execution``; ``buffered`` or ``skipped`` while ``running`` (the id of
+    the schedule's last run) was unfinished; ``cancelling``: held, for
+    ``running`` to be cancelled (cancel_other)."""
+
+    schedule: str
+    tick: datetime
+    action: str  # fired | buffered | skipped | cancelling
+    execution: Execution | None = None
+    running: str | None = None
