@@ -82,7 +82,13 @@ def main() -> None:
     with Orchestrator.sync(args.db) as orch, orch.worker(hooks_registry, concurrency=4):
         server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(orch))
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+        def on_sigterm(*_: object) -> None:
+            stop.set()
+            # a second SIGTERM while the worker stops ends it at once, as a second Ctrl-C does
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         print(f"serving on http://127.0.0.1:{server.server_port}", flush=True)
         try:
@@ -94,4 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # stopped twice: what still ran resumes after a restart
+        sys.exit(130)
