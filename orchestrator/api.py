@@ -429,7 +429,8 @@ class Orchestrator:
         finish, or are released after ``drain_timeout`` to resume elsewhere; one
         whose sync hook is still on a thread is released when the hook returns).
         Cancelled while it stops (a second Ctrl-C), it releases at once what it
-        can and leaves the rest to their leases, as a second SIGTERM does."""
+        can and leaves the rest to their leases, as a second SIGTERM does; their
+        hooks' threads end with the process, or go on in it until they return."""
         from .worker import Worker, WorkerOptions
 
         registry = self._registry(hooks)
