@@ -12,7 +12,8 @@ Kill the service in the middle of a job and start it again: it finishes the
 job from its last checkpoint, with no code of its own for that, and without
 waiting out the dead process's leases. SIGTERM or Ctrl-C stops taking
 requests and drains the worker: a running job finishes, or after
---drain-timeout is given back, to resume at the next start.
+--drain-timeout is given back, to resume at the next start. A second
+signal ends it at once (exit 130); a job it ran resumes at the next start.
 
 A request is checked before anything is written: a POST body is at most
 4 KiB of {"id": "...", "input": {"rows": ..., "pace": ...}} (each optional)
@@ -291,8 +292,15 @@ def main() -> int:
     if not out.parent.is_dir():
         parser.error(f"--out {args.out}: no folder {out.parent} to write it in")
     stop = threading.Event()
+
+    def on_stop(*_: object) -> None:
+        stop.set()
+        # a second signal while the worker stops ends it at once, as a second Ctrl-C does
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())  # a second one changes nothing: drains end
+        signal.signal(sig, on_stop)
     try:
         server = JobServer(("127.0.0.1", args.port), out=out, idle_timeout=args.timeout)
     except OSError as exc:
@@ -319,4 +327,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # stopped twice: what still ran resumes after a restart
+        sys.exit(130)

@@ -426,8 +426,12 @@ class Orchestrator:
     ) -> AsyncIterator[Worker]:
         """A worker in this process, for the length of the ``async with``: it
         claims and runs executions of ``queues`` with the given hooks, and on
-        leaving drains as `orch worker` does on SIGTERM (running executions
-        finish, or are released after ``drain_timeout`` to resume elsewhere)."""
+        leaving stops as `orch worker` does on SIGTERM (running executions
+        finish, or are released after ``drain_timeout`` to resume elsewhere; one
+        whose sync hook is still on a thread is released when the hook returns).
+        Cancelled while it stops (a second Ctrl-C), it releases at once what it
+        can and leaves the rest to their leases, as a second SIGTERM does; their
+        hooks' threads end with the process, or go on in it until they return."""
         from .worker import Worker, WorkerOptions
 
         registry = self._registry(hooks)
@@ -450,8 +454,13 @@ class Orchestrator:
         try:
             yield worker
         finally:
-            worker.request_drain()
-            await task
+            worker.request_stop()
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                worker.request_stop()  # a second stop: release at once
+                await task
+                raise
 
     async def serve_worker(
         self,
@@ -557,7 +566,15 @@ class SyncOrchestrator:
         try:
             yield worker
         finally:
-            self._call(context.__aexit__(None, None, None))
+            leaving = asyncio.run_coroutine_threadsafe(
+                context.__aexit__(None, None, None), self._loop
+            )
+            try:
+                leaving.result()
+            except KeyboardInterrupt:  # a second Ctrl-C while it stops: release at once
+                self._loop.call_soon_threadsafe(worker.request_stop)
+                leaving.result()
+                raise
 
     def close(self) -> None:
         if self._loop.is_running():

@@ -428,7 +428,7 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, proce
         args += ["--burst"] if burst else []
         sys.exit(supervise(args, processes, burst=burst, database_url=settings.database_url))
 
-    async def body() -> None:
+    async def body() -> dict[str, Any]:
         registry = load_hooks_registry(settings.app)
         adapters = load_agent_adapters(settings.app)
         # a --burst worker is a batch job: no database, nothing to do (exit 2)
@@ -437,7 +437,7 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, proce
 
         settle_process()  # this process is a worker and nothing else
         try:
-            await orch.serve_worker(
+            return await orch.serve_worker(
                 registry,
                 queues=list(queues) or ["default"],
                 concurrency=concurrency,
@@ -448,7 +448,9 @@ def worker(ctx, app, queues, concurrency, burst, lease_ttl, drain_timeout, proce
         finally:
             await orch.close()
 
-    run(body)
+    # a second stop that left executions to their leases is not a clean stop
+    if run(body).get("left_to_lease"):
+        sys.exit(1)
 
 
 async def _check_app(app: str | None) -> None:

@@ -12,6 +12,12 @@ an execution runs one hook at a time, so the hooks instance and the context it
 is handed are never touched by two threads at once. State shared between
 executions (module globals, a client object you build once) is shared between
 threads: make it thread-safe, as a sync web framework's handlers must be.
+
+A thread cannot be stopped. A run's calls on threads are counted (``HookCalls``)
+so that a run stopped by a shutdown keeps its claim until they return, and is
+released only then: nothing of it goes on after the release. The threads are
+daemons, so a hook that never returns ends with its process (a second signal)
+instead of holding it open.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import asyncio
 import contextvars
 import functools
 import inspect
-from concurrent.futures import Executor
+import queue
+import threading
+from concurrent.futures import Executor, Future
 from typing import Any
 
 from flatmachines.hooks import CompositeHooks, MachineHooks
@@ -41,6 +49,103 @@ HOOK_METHODS = frozenset(
 )
 
 
+class HookThreads(Executor):
+    """Up to ``size`` daemon threads, started as calls need them.
+
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one
+    hook blocked in ``time.sleep`` or a hung socket would keep a stopped worker's
+    process alive, and the hook's side effects going, while its execution runs
+    again elsewhere."""
+
+    def __init__(self, size: int, name: str = "hooks"):
+        self.size = max(1, size)
+        self.name = name
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put((future, fn, args, kwargs))
+            # a thread that finished its last call takes this one; else a new one
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self.size:
+                thread = threading.Thread(
+                    target=self._serve, name=f"{self.name}_{len(self._threads)}", daemon=True
+                )
+                thread.start()
+                self._threads.append(thread)
+        return future
+
+    def _serve(self) -> None:
+        take = self._queue.get
+        while True:
+            item = take()
+            if item is None:
+                return
+            future, fn, args, kwargs = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:  # noqa: BLE001 - the caller's to handle
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del item, future, fn, args, kwargs
+            self._idle.release()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+class HookCalls:
+    """The sync hook calls of one run that were handed to a thread."""
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: set[Future] = set()
+
+    def add(self, future: Future) -> None:
+        self._calls.add(future)
+        future.add_done_callback(self._calls.discard)  # from the thread: set ops are atomic
+
+    @property
+    def busy(self) -> bool:
+        """A call of this run is still on a thread (or waiting for one)."""
+        return any(not f.done() for f in list(self._calls))
+
+    async def settled(self) -> None:
+        """Until every call of this run has returned."""
+        pending = [f for f in list(self._calls) if not f.done()]
+        if pending:
+            await asyncio.wait([asyncio.wrap_future(f) for f in pending])
+
+
+_HOOK_CALLS: contextvars.ContextVar[HookCalls | None] = contextvars.ContextVar(
+    "orch_hook_calls", default=None
+)
+
+
+def track_hook_calls() -> HookCalls:
+    """Count the sync hook calls made from here on in this task (one run)."""
+    calls = HookCalls()
+    _HOOK_CALLS.set(calls)
+    return calls
+
+
 class OffLoopHooks:
     """``hooks`` with each plain hook method run on ``executor``."""
 
@@ -59,7 +164,11 @@ class OffLoopHooks:
             @functools.wraps(attr)
             async def off_loop(*args: Any, **kwargs: Any) -> Any:
                 run = functools.partial(contextvars.copy_context().run, attr, *args, **kwargs)
-                return await asyncio.get_running_loop().run_in_executor(executor, run)
+                future = executor.submit(run)
+                calls = _HOOK_CALLS.get()
+                if calls is not None:
+                    calls.add(future)
+                return await asyncio.wrap_future(future)
 
             # the library reads on_action's signature: known, not computed per call
             off_loop.__signature__ = signature  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import traceback
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring_ascii
@@ -52,7 +52,7 @@ from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .machine_config import ConfigCache, hook_names
-from .offloop import off_loop, passes_through
+from .offloop import HookThreads, off_loop, passes_through
 from .persistence import (
     DEFAULT_LINGER,
     FencedLock,
@@ -430,7 +430,7 @@ class Runner:
         # per machine unless given one; this one imports them on first use
         self.agent_registry = LazyAgentRegistry(agent_adapters)
         # sync hook methods run here, off the event loop: as many as run at once
-        self.hook_threads = ThreadPoolExecutor(hook_threads, thread_name_prefix="hooks")
+        self.hook_threads = HookThreads(hook_threads)
         self.config_store = StoreConfigStore(store)
 
     async def _config(self, config_hash: str) -> dict[str, Any]:

@@ -22,9 +22,9 @@ class Decision:
         return bool(self.spawn or self.drain)
 
 
-def desired_workers(backlog: int, per_worker: int, min_workers: int, max_workers: int) -> int:
-    """clamp(ceil(backlog / per_worker), min, max)."""
-    wanted = math.ceil(backlog / max(1, per_worker))
+def desired_workers(demand: int, per_worker: int, min_workers: int, max_workers: int) -> int:
+    """clamp(ceil(demand / per_worker), min, max)."""
+    wanted = math.ceil(demand / max(1, per_worker))
     return max(min_workers, min(max_workers, wanted))
 
 
@@ -32,17 +32,21 @@ def decide(queue: dict[str, Any], *, pending: int, now: datetime, cooldown: floa
     """What to do for one queue.
 
     ``queue`` is one entry of Store.scaling_snapshot(); ``pending`` counts
-    workers started but not yet registered. Scale down drains idle workers
-    only, so no running execution is interrupted.
+    workers started but not yet registered. The demand is the runnable backlog
+    plus what the live workers run: a worker busy with a long state is still
+    needed. Scale down drains idle workers only (idle by the store's claims),
+    so no running execution is interrupted.
     """
     name = queue["queue"]
     live = queue["workers"]
     current = len(live) + pending
+    demand = queue["backlog"] + queue["running"]
     desired = desired_workers(
-        queue["backlog"], queue["per_worker"], queue["min_workers"], queue["max_workers"]
+        demand, queue["per_worker"], queue["min_workers"], queue["max_workers"]
     )
     why = (
-        f"backlog {queue['backlog']} at {queue['per_worker']} per worker wants "
+        f"backlog {queue['backlog']} + running {queue['running']} at "
+        f"{queue['per_worker']} per worker wants "
         f"{desired} (min {queue['min_workers']}, max {queue['max_workers']})"
     )
     if queue.get("paused") or desired == current:

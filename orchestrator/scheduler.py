@@ -276,7 +276,7 @@ class ScalerHooks(MachineHooks):
             return
         for _ in range(d.spawn):
             pool.spawn(d.queue)  # type: ignore[union-attr]
-        drained = [w for w in d.drain if await self.s.store.drain_worker(w)]
+        drained = [w for w in d.drain if await self.s.store.drain_idle_worker(w)]
         to = d.current + d.spawn - len(drained)
         if to != d.current:
             log.info("queue '%s': %d -> %d workers (%s)", d.queue, d.current, to, d.reason)

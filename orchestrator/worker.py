@@ -7,6 +7,15 @@ are that machine's hooks. Executions run as asyncio tasks, up to
 Leases are renewed from a thread with its own event loop and connection pool,
 so a hook that blocks the main loop (synchronous I/O) does not cost the lease;
 a stopped process (SIGSTOP, a crash) does, and its executions move on.
+
+Two ways to stop. A drain (the scaler's scale-down, status ``draining`` in the
+store) claims nothing more and lets what runs finish, however long it takes:
+nothing is released. A stop (SIGTERM/SIGINT, leaving an embedded worker) drains
+too, and after ``drain_timeout`` releases what still runs, to resume elsewhere
+from its last checkpoint. A run whose sync hook is still on a thread keeps its
+claim (its lease renewed) until the hook returns, and is released then, since a
+thread cannot be stopped. A second stop releases at once what can be released
+and leaves such a run to its lease: the hook's thread ends with the process.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from . import stopsignal
 from .app import registered_names
 from .clock import renew_interval
 from .errors import StoreUnavailable
+from .offloop import HookCalls, track_hook_calls
 from .runner import Outcome, Runner
 from .settings import Settings
 from .store import Claim, Store
@@ -120,7 +130,7 @@ class WorkerOptions:
     queues: list[str] = field(default_factory=lambda: ["default"])
     concurrency: int = 1
     burst: bool = False
-    drain_timeout: float = 30.0  # seconds a drain waits for running executions
+    drain_timeout: float = 30.0  # seconds a stop waits for running executions
     # SIGTERM/SIGINT drain it: `orch worker`; an embedding application keeps its own
     handle_signals: bool = True
     # the app's agent adapters, over flatmachines' own
@@ -203,7 +213,11 @@ class Worker:
         self._lost: set[tuple[str, int]] = set()  # (id, fence) of runs stopped as lost
         self._wake = asyncio.Event()
         self._drain_requested = False
+        # a stop: release what still runs at this loop time (drain_timeout on)
+        self._release_at: float | None = None
         self._hard_stop = False
+        # runs a second stop left to their leases: a hook of theirs still ran
+        self._left: list[str] = []
         self._keeper: LeaseKeeper | None = None
         self._chores: set[asyncio.Task] = set()
         self._listener: WakeListener | None = None
@@ -238,14 +252,24 @@ class Worker:
             await self._stop_everything()
 
     def request_drain(self) -> None:
-        """Claim nothing more; finish (or release) what runs, then exit."""
+        """Claim nothing more; finish what runs, then exit. Nothing is released."""
         self._drain_requested = True
         self._wake.set()
 
-    def _on_stop_signal(self) -> None:
-        if self._drain_requested:
-            self._hard_stop = True  # a second signal: release now, do not wait
+    def request_stop(self) -> None:
+        """Drain, and release what still runs after ``drain_timeout``. A second
+        request releases at once (on the event loop's thread)."""
+        assert self._loop is not None
+        if self._release_at is not None:
+            self._hard_stop = True
+            for task, _ in list(self._running.values()):
+                task.cancel()  # runs waiting for their hooks wait no more
+        else:
+            self._release_at = self._loop.time() + self.options.drain_timeout
         self.request_drain()
+
+    def _on_stop_signal(self) -> None:
+        self.request_stop()
 
     # ---------------------------------------------- shared with the keeper
 
@@ -413,11 +437,12 @@ class Worker:
             await self.store.set_worker_status(self.id, "draining")
         except StoreUnavailable:
             pass  # it drains all the same; the row says so once it can
-        deadline = self._loop.time() + self.options.drain_timeout if self._loop else 0
+        assert self._loop is not None
+        # a drain waits for what runs; a stop, that comes now or later, until its deadline
         while self._running and not self._hard_stop:
             self._wake.clear()
-            remaining = deadline - self._loop.time() if self._loop else 0
-            if remaining <= 0:
+            remaining = None if self._release_at is None else self._release_at - self._loop.time()
+            if remaining is not None and remaining <= 0:
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), remaining)
@@ -433,6 +458,12 @@ class Worker:
     async def shutdown(self) -> None:
         await self._stop_everything()
         log.info("worker %s stopped: %d completed, %d failed", self.id, self.completed, self.failed)
+        if self._left:
+            log.warning(
+                "worker %s left %d execution(s) to their leases: they resume elsewhere",
+                self.id,
+                len(self._left),
+            )
 
     # --------------------------------------------------------- internals
 
@@ -455,6 +486,7 @@ class Worker:
     async def _execute(self, claim: Claim) -> None:
         ex_id = claim.execution.id
         interrupted = False
+        hook_calls = track_hook_calls()
         try:
             outcome: Outcome = await self.runner.run(claim)
             if outcome.status == "completed":
@@ -474,12 +506,7 @@ class Worker:
                 log.info("%s %s", outcome.status, ex_id)
         except asyncio.CancelledError:
             if (ex_id, claim.fence) not in self._lost:
-                # stopped by a drain: give it back; it resumes from its last checkpoint
-                try:
-                    await asyncio.shield(self.store.release(claim))
-                    log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
-                except StoreUnavailable:
-                    log.info("could not release %s: the store is away; its lease expires", ex_id)
+                await self._give_back(claim, hook_calls)
         except Exception:
             log.exception("worker error while running %s", ex_id)
         finally:
@@ -492,6 +519,31 @@ class Worker:
                 del self._running[ex_id]
             self._lost.discard((ex_id, claim.fence))
             self._wake.set()
+
+    async def _give_back(self, claim: Claim, hook_calls: HookCalls) -> None:
+        """A run stopped by a stop: give it back; it resumes from its last
+        checkpoint. Not while a hook of it is still on a thread: the claim is
+        kept (the keeper renews its lease) until the hook returns, so that nothing
+        of the run goes on after the release. A second stop waits no more, and
+        leaves such a run to its lease."""
+        ex_id = claim.execution.id
+        if hook_calls.busy and not self._hard_stop:
+            log.info("keeping %s until its hook returns: a thread cannot be stopped", ex_id)
+            try:
+                await hook_calls.settled()
+            except asyncio.CancelledError:
+                pass  # a second stop, or its lease was lost meanwhile
+        if (ex_id, claim.fence) in self._lost:
+            return
+        if hook_calls.busy:
+            self._left.append(ex_id)
+            log.warning("left %s to its lease: its hook still runs, until this process ends", ex_id)
+            return
+        try:
+            await asyncio.shield(self.store.release(claim))
+            log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
+        except StoreUnavailable:
+            log.info("could not release %s: the store is away; its lease expires", ex_id)
 
     def _abandon(self, lost: dict[str, int]) -> None:
         """Stop runs whose claim (id: fence) moved on: taken over, or cancelled.
@@ -538,6 +590,11 @@ class Worker:
             self._keeper.stop()
             await asyncio.to_thread(self._keeper.join)
             self._keeper = None
+            if self._left:
+                # not stopped: still draining, with claims, its process soon gone; so
+                # a supervisor that sees it exit, or this host's next worker, requeues
+                # them at once (the reaper, a lease TTL on)
+                return
             try:
                 await self.store.set_worker_status(self.id, "stopped")
             except StoreUnavailable:
@@ -580,6 +637,7 @@ class WorkerHooks(MachineHooks):
             await w.shutdown()
             context["completed"] = w.completed
             context["failed"] = w.failed
+            context["left_to_lease"] = len(w._left)
         else:
             raise ValueError(f"worker machine names unknown action '{action_name}'")
         context["draining"] = w._drain_requested

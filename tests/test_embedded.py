@@ -111,6 +111,79 @@ def test_the_sync_api_from_a_thread_with_no_event_loop(db_url, tmp_path, monkeyp
     assert out["get"].status == "completed" and out["get"].id == "sync-1"
 
 
+def test_leaving_a_worker_keeps_the_claim_of_a_blocked_sync_hook_until_it_returns(
+    db_url, tmp_path, caplog
+):
+    """Leaving the `async with` past drain_timeout while a sync hook blocks its
+    thread: the execution stays claimed until the hook returns, and is released
+    only then. Cancelled while it leaves (a second Ctrl-C), the worker stops at
+    once and releases nothing whose hook still runs."""
+    import contextlib
+    import logging
+
+    from flatmachines import HooksRegistry, MachineHooks
+
+    from .conftest import write_machine
+
+    caplog.set_level(logging.INFO, logger="orchestrator.worker")
+    entered, go, effects = threading.Event(), threading.Event(), []
+
+    class Blocking(MachineHooks):
+        def on_action(self, state_name, action_name, context):
+            entered.set()
+            go.wait(60)
+            effects.append(context["machine"]["execution_id"])
+            return context
+
+    registry = HooksRegistry()
+    registry.register("blocking", Blocking)
+    states = {
+        "start": {"type": "initial", "transitions": [{"to": "s1"}]},
+        "s1": {"hooks": "blocking", "action": "block", "transitions": [{"to": "done"}]},
+        "done": {"type": "final", "output": {}},
+    }
+    machine = write_machine(
+        tmp_path / "m.yml",
+        {"spec": "flatmachine", "spec_version": "4.2.1", "data": {"name": "b", "states": states}},
+    )
+
+    async def until(condition) -> None:
+        await asyncio.to_thread(wait_until, condition, what="the worker stopping")
+
+    async def main():
+        async with Orchestrator(db_url) as o:
+            stack = contextlib.AsyncExitStack()
+            await stack.enter_async_context(o.worker(registry, concurrency=1, drain_timeout=0))
+            ex = await o.submit(machine)
+            await asyncio.to_thread(entered.wait, 60)
+            leaving = asyncio.create_task(stack.aclose())
+            await until(lambda: f"keeping {ex.id}" in caplog.text or leaving.done())
+            assert (await o.get(ex.id)).status == "running" and not leaving.done()
+            go.set()
+            await leaving
+            assert effects == [ex.id]
+            released = await o.get(ex.id)
+            assert released.status == "queued" and released.recoveries == 0
+
+            entered.clear()
+            go.clear()
+            w = await stack.enter_async_context(o.worker(registry, concurrency=1))
+            await asyncio.to_thread(entered.wait, 60)
+            leaving = asyncio.create_task(stack.aclose())
+            await until(lambda: f"worker {w.id} draining: 1 running" in caplog.text)
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            assert f"left {ex.id} to its lease" in caplog.text
+            held = await o.get(ex.id)
+            assert held.status == "running" and held.worker_id == w.id
+            go.set()  # its thread goes on in this process; the run it belonged to does not
+            await until(lambda: len(effects) == 2)
+            assert (await o.get(ex.id)).updated_at == held.updated_at
+
+    run_async(main())
+
+
 def test_bad_input_to_the_api_is_a_user_error(db_url, tmp_path):
     (tmp_path / "broken.yml").write_text("spec: flatmachine\ndata: [1, 2]\n")
 
@@ -187,3 +260,54 @@ def test_an_application_killed_mid_pipeline_finishes_them_when_started_again(
         for state in committed:
             if state[1:].isdigit():  # the action states
                 assert runs[(ex_id, state)] == 1, (ex_id, state)  # a committed state never reran
+
+
+def test_the_service_stopped_twice_ends_at_once_leaving_its_job_unreleased(db_url, store, tmp_path):
+    """examples/service.py, a job's sync load hook asleep between rows: SIGTERM
+    starts a drain that would wait for the hook, a second SIGTERM ends the
+    service at once (130). The job was not released under the hook, and its
+    thread ended with the process, so no row is loaded after the end."""
+    import time
+    import sqlite3
+    import urllib.request
+
+    target = tmp_path / "out.sqlite"
+    cmd = [sys.executable, str(TESTS.parent / "examples" / "service.py"), "--port", "0"]
+    service = subprocess.Popen(
+        [*cmd, "--db", db_url, "--out", str(target)],
+        env=orch_env(db_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def loaded() -> int:
+        if not target.exists():
+            return 0
+        with sqlite3.connect(target) as db:
+            try:
+                return db.execute("SELECT count(*) FROM items").fetchone()[0]
+            except sqlite3.OperationalError:  # the table is not there yet
+                return 0
+
+    try:
+        base = next(line.split()[-1] for line in service.stdout if "serving on" in line)
+        # the load sleeps a second between rows: a thousand seconds in all
+        body = {"id": "job", "input": {"rows": 1000, "pace": 1}}
+        urllib.request.urlopen(base + "/jobs", data=json.dumps(body).encode(), timeout=60)
+        wait_until(loaded, what="the load asleep after its first row")
+        service.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: [w.status for w in run_async(store.list_workers())] == ["draining"],
+            what="the worker draining",
+        )
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(60) == 130
+    finally:
+        if service.poll() is None:
+            service.kill()
+    job = run_async(store.get("job"))
+    assert job.status == "running" and job.attempt == 1
+    rows = loaded()
+    time.sleep(2.5)  # more than the pace: a load still going would have added a row
+    assert 1 <= loaded() == rows < 1000

@@ -144,6 +144,63 @@ def test_up_grows_the_pool_with_the_backlog_and_shrinks_it_after(db_url, store, 
     assert {w.status for w in run_async(store.list_workers())} == {"stopped"}
 
 
+def scale_downs(store) -> list[dict]:
+    return [
+        e for e in run_async(store.scaling_history(limit=50)) if e["to_workers"] < e["from_workers"]
+    ]
+
+
+def test_up_with_min_0_lets_a_long_state_finish_and_drains_its_worker_after(
+    db_url, store, tmp_path, procs
+):
+    """A 15 s state, many times the scaler's cadence (1 s) and cool-down (5 s), on a
+    pool that may shrink to nothing: what runs counts toward desired, so its worker
+    is not drained while busy, and the execution completes on its first claim with
+    no release. Then the idle worker is drained, and exits."""
+    effects = tmp_path / "effects.log"
+    machine = chain_machine(tmp_path / "long.yml", ["slow_add"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 15}])
+    up = procs(
+        db_url, "up", "--app", "testapp", "--min", "0", "--max", "2", ORCH_TEST_EFFECTS=str(effects)
+    )
+    wait_until(lambda: run_async(store.get(ex_id)).status == "completed", timeout=120, what="done")
+    ex = run_async(store.get(ex_id))
+    assert (ex.attempt, ex.fence, ex.recoveries) == (1, 1, 0)
+    assert effect_counts(effects) == Counter({(ex_id, "s1"): 1})
+    wait_until(lambda: scale_downs(store), timeout=60, what="the idle worker drained")
+    assert all(e["at"] >= ex.finished_at for e in scale_downs(store))
+    wait_until(
+        lambda: {w.status for w in run_async(store.list_workers())} == {"stopped"},
+        timeout=60,
+        what="the drained worker gone",
+    )
+    assert "released" not in "".join(p.read_text() for p in (tmp_path / "orch-logs").glob("*.log"))
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(timeout=120) == 0
+
+
+def test_the_scaler_leaves_a_busy_hand_started_worker_alone(db_url, store, tmp_path, procs):
+    """A worker started by hand that has just claimed a long state (its row's
+    running count not yet heartbeated) is busy to the scaler: `orch scheduler`
+    (min 0) starts no second worker and drains none while it runs; once it is
+    idle it is surplus, is drained, and exits 0."""
+    effects = tmp_path / "effects.log"
+    machine = chain_machine(tmp_path / "long.yml", ["slow_add"])
+    [ex_id] = submit(db_url, machine, [{"sleep": 10}])
+    hand = procs(db_url, "worker", "--app", "testapp", ORCH_TEST_EFFECTS=str(effects))
+    wait_until(lambda: effect_counts(effects), timeout=60, what="the hand-started worker busy")
+    procs(db_url, "scheduler", "--app", "testapp", ORCH_TEST_EFFECTS=str(effects))
+    wait_until(lambda: run_async(store.get(ex_id)).status == "completed", timeout=120, what="done")
+    ex = run_async(store.get(ex_id))
+    assert (ex.attempt, ex.fence, ex.recoveries) == (1, 1, 0)
+    assert ex.output["by"] == hand.proc.pid
+    assert hand.proc.wait(timeout=120) == 0  # drained once idle
+    assert "released" not in hand.log()
+    events = run_async(store.scaling_history(limit=50))
+    assert events and all(e["to_workers"] < e["from_workers"] for e in events)
+    assert all(e["at"] >= ex.finished_at for e in events)
+
+
 def test_chaos_workers_killed_every_second_and_a_scheduler_restart(db_url, store, tmp_path, procs):
     effects = tmp_path / "effects.log"
     # the crash cap (ORCH_MAX_RECOVERIES, default 5) has tests of its own; here one

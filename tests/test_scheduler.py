@@ -295,6 +295,48 @@ def test_scale_down_drains_only_idle_workers():
     assert not busy.changes and "no idle worker" in busy.reason
 
 
+def test_running_executions_count_toward_desired():
+    """A long state keeps its worker wanted: with min 0 and no backlog, the busy
+    worker is not surplus; and an idle worker beside busy ones is kept for the
+    backlog they cannot take."""
+    busy = decide(
+        queue(min_workers=0, running=1, workers=workers_(1)), pending=0, now=NOW, cooldown=0
+    )
+    assert busy.desired == 1 and not busy.changes
+    one_each = queue(min_workers=0, per_worker=1, backlog=1, running=2, workers=workers_(1, 1, 0))
+    kept = decide(one_each, pending=0, now=NOW, cooldown=0)
+    assert kept.desired == 3 and not kept.changes
+    assert "running 2" in kept.reason
+
+
+def test_the_snapshot_reads_running_from_claims_and_drains_only_idle_workers(store, tmp_path):
+    """Claims are the truth, not the worker row's running count (which the next
+    heartbeat would bring up to date): a worker that has just claimed is busy in
+    the snapshot and refuses a drain; an idle one takes it."""
+    for worker_id in ("busy", "idle"):
+        run_async(
+            store.register_worker(
+                worker_id, host="h", pid=1, queue_names=["default"], concurrency=1
+            )
+        )
+    machine = chain_machine(tmp_path / "m.yml", ["add"])
+    ids = [submit(store, machine) for _ in range(2)]
+    [claim] = run_async(store.claim_many("busy", ["default"], ["effects"], limit=1))
+    [snap] = run_async(store.scaling_snapshot())
+    assert (snap["backlog"], snap["running"]) == (1, 1)
+    assert {w["id"]: w["running"] for w in snap["workers"]} == {"busy": 1, "idle": 0}
+    assert not run_async(store.drain_idle_worker("busy"))
+    assert run_async(store.get_worker("busy")).status == "active"
+    assert run_async(store.drain_idle_worker("idle"))
+    assert run_async(store.get_worker("idle")).status == "draining"
+    # a draining worker is no longer live: neither it nor what it runs is counted
+    run_async(store.claim_many("idle", ["default"], ["effects"], limit=1))
+    [snap] = run_async(store.scaling_snapshot())
+    assert (snap["backlog"], snap["running"]) == (0, 1)
+    assert [w["id"] for w in snap["workers"]] == ["busy"]
+    assert claim.execution.id in ids
+
+
 def test_cooldown_holds_decisions_then_lets_them_through():
     recent = queue(backlog=40, last_scaled_at=NOW - timedelta(seconds=3), workers=workers_(1))
     assert not decide(recent, pending=0, now=NOW, cooldown=5).changes

@@ -213,6 +213,104 @@ def test_drain_timeout_releases_work_which_resumes_from_its_checkpoint(
     assert runs_per_state(effects, ex_id) == Counter({"s1": 1, "s2": 2, "s3": 1})
 
 
+def test_a_worker_the_scaler_drains_finishes_its_run_and_releases_nothing(
+    db_url, store, tmp_path, effects, workers
+):
+    """Scale-down is not shutdown: a worker marked draining in the store claims
+    nothing more and lets what runs finish, past --drain-timeout, then exits."""
+    go = tmp_path / "go"
+    machine = chain_machine(tmp_path / "held.yml", ["held_add"])
+    ids = submit(db_url, machine, [{}, {}])
+    env = dict(ORCH_TEST_GO=str(go), **worker_env(effects))
+    w = workers(db_url, "--app", "testapp", "--drain-timeout", "0", **env)
+    [(ran, *_)] = wait_until(lambda: effect_lines(effects), what="the worker in the held state")
+    [row] = run_async(store.list_workers())
+    run_async(store.set_worker_status(row.id, "draining", heartbeat=False))
+    wait_until(lambda: "draining: 1 running" in w.log(), what="the worker draining")
+    go.touch()
+    assert w.wait() == 0
+    ex = get(store, ran)
+    assert ex.status == "completed" and ex.fence == 1 and ex.recoveries == 0
+    assert runs_per_state(effects, ran) == Counter({"s1": 1})
+    [left] = [i for i in ids if i != ran]
+    assert get(store, left).status == "queued" and get(store, left).fence == 0
+    assert "released" not in w.log()
+
+
+def held_write_machine(path: Path) -> Path:
+    """One state whose sync hook blocks its thread until the test lets it go."""
+    states = {
+        "start": {"type": "initial", "transitions": [{"to": "s1"}]},
+        "s1": {"hooks": "sync", "action": "held_write", "transitions": [{"to": "done"}]},
+        "done": {"type": "final", "output": {"acc": "context.acc"}},
+    }
+    data = {"name": "held", "context": {"acc": 0}, "states": states}
+    return write_machine(path, {"spec": "flatmachine", "spec_version": "4.2.1", "data": data})
+
+
+def test_a_stop_releases_a_run_only_after_its_blocked_sync_hook_returned(
+    db_url, store, tmp_path, effects, workers
+):
+    """SIGTERM past --drain-timeout while a sync hook blocks its thread: the claim
+    is kept until the hook returns, so its side effect comes before the release
+    and nothing of the old run comes after; then the process exits 0, and the
+    execution resumes elsewhere."""
+    go = tmp_path / "go"
+    [ex_id] = submit(db_url, held_write_machine(tmp_path / "m.yml"), [{}])
+    env = dict(ORCH_TEST_GO=str(go), **worker_env(effects))
+    w = workers(db_url, "--app", "testapp", "--drain-timeout", "0", **env)
+    wait_until(lambda: runs_per_state(effects, ex_id)["s1:entered"], what="the hook blocking")
+    w.signal(signal.SIGTERM)
+    wait_until(
+        lambda: f"keeping {ex_id}" in w.log() or f"released {ex_id}" in w.log(),
+        what="the drain timeout passed",
+    )
+    go.touch()
+    assert w.wait() == 0
+    log = w.log()
+    assert log.index(f"effect {ex_id} s1") < log.index(f"released {ex_id}")
+    ex = get(store, ex_id)
+    assert ex.status == "queued" and ex.worker_id is None and ex.recoveries == 0
+
+    finisher = workers(db_url, "--app", "testapp", "--burst", **env)
+    assert finisher.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.output["acc"] == 1
+    # in flight at the stop, the state ran twice: once in each process
+    assert [p for e, st, _, p in effect_lines(effects) if st == "s1"] == [w.pid, finisher.pid]
+
+
+def test_a_second_sigterm_ends_a_worker_whose_sync_hook_blocks_at_once(
+    db_url, store, tmp_path, effects, workers
+):
+    """The second signal does not wait for the hook: the process ends, and the
+    hook's thread with it, so its side effect never happens. The execution was
+    not released under the running hook (exit 1: it was left to its lease); the
+    next worker of this host takes it over at once, its holder being gone."""
+    go = tmp_path / "go"
+    [ex_id] = submit(db_url, held_write_machine(tmp_path / "m.yml"), [{}])
+    env = dict(ORCH_TEST_GO=str(go), **worker_env(effects, ttl="30"))
+    w = workers(db_url, "--app", "testapp", **env)
+    wait_until(lambda: runs_per_state(effects, ex_id)["s1:entered"], what="the hook blocking")
+    w.signal(signal.SIGTERM)
+    wait_until(lambda: "draining: 1 running" in w.log(), what="the worker draining")
+    w.signal(signal.SIGTERM)
+    assert w.wait() == 1
+    assert "left 1 execution(s) to their leases" in w.log()
+    go.touch()  # were its thread still alive, it would make its side effect now
+    ex = get(store, ex_id)
+    assert ex.status == "running" and ex.fence == 1
+    [row] = run_async(store.list_workers())
+    assert row.status == "draining"
+
+    finisher = workers(db_url, "--app", "testapp", "--burst", **env)
+    assert finisher.wait() == 0
+    ex = get(store, ex_id)
+    assert ex.status == "completed" and ex.output["acc"] == 1 and ex.recoveries == 1
+    assert [p for e, st, _, p in effect_lines(effects) if st == "s1"] == [finisher.pid]
+    assert f"effect {ex_id}" not in w.log()
+
+
 def test_execution_runs_the_config_it_was_submitted_with(db_url, store, tmp_path, effects, workers):
     path = tmp_path / "pinned.yml"
     chain_machine(path, ["add"])

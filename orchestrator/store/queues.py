@@ -200,8 +200,13 @@ class Queues:
         return await self.db.read(tx)
 
     async def scaling_snapshot(self) -> list[dict[str, Any]]:
-        """Per queue: policy, runnable backlog, running, and live workers
-        (active, not draining) with how many of them are idle."""
+        """Per queue: policy, runnable backlog, what its live workers (active,
+        not draining) run, and each of those workers with its running count.
+
+        Running is read from the claims (executions held by a worker), not from
+        the worker row's count, which only its next heartbeat brings up to date.
+        The workers are read first and the executions in one statement after,
+        so a worker that claimed in between is seen busy, not idle."""
 
         def tx(conn: sa.Connection) -> list[dict[str, Any]]:
             now = utcnow()
@@ -218,40 +223,47 @@ class Queues:
                     "running": 0,
                     "workers": [],
                 }
-            backlog = (
-                sa.select(executions.c.queue, sa.func.count())
-                .where(
-                    executions.c.status == "queued",
-                    sa.or_(executions.c.not_before.is_(None), executions.c.not_before <= now),
-                )
-                .group_by(executions.c.queue)
-            )
-            for name, n in conn.execute(backlog):
-                if name in out:
-                    out[name]["backlog"] = n
-            running = (
-                sa.select(executions.c.queue, sa.func.count())
-                .where(executions.c.status == "running")
-                .group_by(executions.c.queue)
-            )
-            for name, n in conn.execute(running):
-                if name in out:
-                    out[name]["running"] = n
-            live = conn.execute(sa.select(workers).where(workers.c.status == "active")).mappings()
-            for w in live:
+            live: dict[str, dict[str, Any]] = {}
+            serves: dict[str, list[str]] = {}
+            for w in conn.execute(
+                sa.select(workers).where(workers.c.status == "active")
+            ).mappings():
                 names = w["queues"]
                 if isinstance(names, str):
                     names = json.loads(names)
-                for name in names:
+                live[w["id"]] = {"id": w["id"], "host": w["host"], "pid": w["pid"], "running": 0}
+                serves[w["id"]] = [n for n in names if n in out]
+            counts = (
+                sa.select(
+                    executions.c.queue,
+                    executions.c.status,
+                    executions.c.worker_id,
+                    sa.func.count(),
+                )
+                .where(
+                    sa.or_(
+                        executions.c.status == "running",
+                        sa.and_(
+                            executions.c.status == "queued",
+                            sa.or_(
+                                executions.c.not_before.is_(None), executions.c.not_before <= now
+                            ),
+                        ),
+                    )
+                )
+                .group_by(executions.c.queue, executions.c.status, executions.c.worker_id)
+            )
+            for name, status, worker_id, n in conn.execute(counts):
+                if status == "queued":
                     if name in out:
-                        out[name]["workers"].append(
-                            {
-                                "id": w["id"],
-                                "host": w["host"],
-                                "pid": w["pid"],
-                                "running": w["running"],
-                            }
-                        )
+                        out[name]["backlog"] += n
+                elif worker_id in live:
+                    live[worker_id]["running"] += n
+                    if name in out:
+                        out[name]["running"] += n
+            for worker_id, names in serves.items():
+                for name in names:
+                    out[name]["workers"].append(dict(live[worker_id]))
             return [out[k] for k in sorted(out)]
 
         return await self.db.read(tx)

@@ -168,7 +168,7 @@ class Store:
     set_worker_status = _Verb("workers")
     get_worker = _Verb("workers")
     list_workers = _Verb("workers")
-    drain_worker = _Verb("workers")
+    drain_idle_worker = _Verb("workers")
     mark_lost_workers = _Verb("workers")
     workers_exited = _Verb("workers")
     hold_leadership = _Verb("workers")

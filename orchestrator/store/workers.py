@@ -18,7 +18,7 @@ from ..clock import lease_deadline, utcnow
 from . import work
 from .db import Database
 from .executions import requeue_held_by
-from .models import leader_leases, queues, workers
+from .models import executions, leader_leases, queues, workers
 from .records import WorkerRecord
 
 WORKER_STATUSES = ("active", "draining", "stopped", "lost")
@@ -176,13 +176,21 @@ class Workers:
 
         return await self.db.read(tx)
 
-    async def drain_worker(self, worker_id: str) -> bool:
-        """Ask a worker to drain: it sees this with its next heartbeat."""
+    async def drain_idle_worker(self, worker_id: str) -> bool:
+        """Ask an idle worker to drain (scale down): it sees this with its next
+        heartbeat, claims nothing more and exits. False if it is not active or
+        holds a running execution now: the scaler's snapshot was older than its
+        claim. One that claims after this still finishes what it runs."""
 
         def tx(conn: sa.Connection) -> bool:
+            busy = (
+                sa.select(executions.c.id)
+                .where(executions.c.worker_id == worker_id, executions.c.status == "running")
+                .exists()
+            )
             result = conn.execute(
                 sa.update(workers)
-                .where(workers.c.id == worker_id, workers.c.status == "active")
+                .where(workers.c.id == worker_id, workers.c.status == "active", ~busy)
                 .values(status="draining")
             )
             return result.rowcount == 1

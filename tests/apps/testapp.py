@@ -32,6 +32,11 @@ def record(context, state_name):
 RENDEZVOUS = threading.Barrier(int(os.environ.get("ORCH_TEST_PARTIES") or 1))
 
 
+def held(context) -> bool:
+    """Whether the test still holds the state: until the file ORCH_TEST_GO names exists."""
+    return not os.path.exists(os.environ["ORCH_TEST_GO"])
+
+
 class EffectsHooks(MachineHooks):
     """`add` adds 1 to context.acc; `slow_add` sleeps context.sleep seconds first.
 
@@ -48,6 +53,9 @@ class EffectsHooks(MachineHooks):
             import time
 
             time.sleep(float(context.get("sleep") or 1))
+        elif action_name == "held_add":  # runs until the test lets it go
+            while held(context):
+                await asyncio.sleep(0.02)
         elif action_name == "fail":
             raise RuntimeError("the workflow failed on purpose")
         elif action_name == "probe":  # the worker process's settings, for a test
@@ -73,9 +81,21 @@ class SyncHooks(MachineHooks):
     """Plain (not async) hooks, as a sync LLM or HTTP client would be written.
 
     `rendezvous` blocks (the thread) until ORCH_TEST_PARTIES executions of this
-    process are inside it at once: it can only pass if they run side by side."""
+    process are inside it at once: it can only pass if they run side by side.
+
+    `held_write` records "<state>:entered", blocks (the thread) until the test
+    lets it go, and only then makes its side effect: the state's effect line, and
+    "effect <execution id> <state>" on stderr, which the worker's log shares."""
 
     def on_action(self, state_name, action_name, context):
+        if action_name == "held_write":
+            import sys
+            import time
+
+            record(context, f"{state_name}:entered")
+            while held(context):
+                time.sleep(0.02)
+            print(f"effect {context['machine']['execution_id']} {state_name}", file=sys.stderr)
         record(context, state_name)
         if action_name == "rendezvous":
             RENDEZVOUS.wait(timeout=30)
