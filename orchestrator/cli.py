@@ -1021,6 +1021,12 @@ def tui(ctx, refresh, lease_ttl):
     from tui import OrchApp
 
     settings = settings_from(ctx, lease_ttl=lease_ttl)
+    from .store.engine import parse_url
+
+    try:
+        parse_url(settings.database_url)  # a URL that cannot work: one line, not a crash
+    except UserError as exc:
+        fail(str(exc))
     OrchApp(settings, refresh_every=refresh).run()
 
 
