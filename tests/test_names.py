@@ -275,6 +275,15 @@ def test_the_console_shows_names_literally(seeded_names, tmp_path):
             toasts = [n.message for n in app._notifications]
             assert f"{ESC[1]} cancelled" in toasts
 
+            # the signal prompt shows the channel as it shows, and signals it as it is
+            table.move_cursor(row=table.get_row_index(WAITING[0]))
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, Prompt), "the signal prompt")
+            assert app.screen.query_one("#channel").value == CHANNEL[1]
+            await type_into(pilot, "#data", '{"ok": true}')
+            await pilot.press("enter")
+            await until(pilot, lambda: str(cell(table, WAITING[0], 2)) == "queued", "woken")
+
             # the scale prompt and the pause confirmation name the queue as it is
             await pilot.press("1")
             queues.focus()

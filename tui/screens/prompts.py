@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
-from orchestrator.display import text
+from orchestrator.display import shown, text
 
 from ..feed import STATUSES, Filters
 
@@ -102,13 +102,16 @@ class SignalPrompt(Prompt):
         self.channel = channel
 
     def fields(self) -> ComposeResult:
-        yield Input(self.channel, placeholder="channel, e.g. approval/job-1", id="channel")
+        # the waiting channel as it shows; left as it is, the signal goes to it
+        yield Input(shown(self.channel), placeholder="channel, e.g. approval/job-1", id="channel")
         yield Input("", placeholder='data as JSON, e.g. {"ok": true} (empty: null)', id="data")
 
     def submit(self) -> None:
         channel = self.value("channel")
         if not channel:
             return self.refuse("a signal needs a channel")
+        if self.channel and channel == shown(self.channel).strip():
+            channel = self.channel
         text = self.value("data")
         try:
             data = parse_json(text, "the data") if text else None
