@@ -9,6 +9,7 @@ PostgreSQL: psycopg 3, pooled connections with pre-ping.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -58,6 +59,7 @@ def parse_url(raw: str) -> URL:
     return url
 
 
+@functools.lru_cache(maxsize=64)  # named in every transaction's retry loop
 def masked(url: URL) -> str:
     # rendered whole, then masked: an unescaped "@" in the password leaves
     # its tail in SQLAlchemy's host, and a password can be a query parameter
