@@ -23,18 +23,37 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.text import Text
 
-# C0, DEL and C1 controls; the line and paragraph separators; the marks and
-# embeddings that reorder the text around them (bidirectional controls)
+# C0, DEL and C1 controls; the line and paragraph separators; and Unicode's
+# format characters (category Cf): the invisible ones ("job-7" and "job-7"
+# with a zero-width space in it would look alike) and the bidirectional
+# controls that reorder the text around them
 _CONTROLS = [
     *range(0x00, 0x20),
     *range(0x7F, 0xA0),
+    0x00AD,
+    *range(0x0600, 0x0606),
     0x061C,
-    0x200E,
-    0x200F,
+    0x06DD,
+    0x070F,
+    0x0890,
+    0x0891,
+    0x08E2,
+    0x180E,
+    *range(0x200B, 0x2010),
     0x2028,
     0x2029,
     *range(0x202A, 0x202F),
-    *range(0x2066, 0x206A),
+    *range(0x2060, 0x2065),
+    *range(0x2066, 0x2070),
+    0xFEFF,
+    *range(0xFFF9, 0xFFFC),
+    0x110BD,
+    0x110CD,
+    *range(0x13430, 0x13440),
+    *range(0x1BCA0, 0x1BCA4),
+    *range(0x1D173, 0x1D17B),
+    0xE0001,
+    *range(0xE0020, 0xE0080),
 ]
 _NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
 
@@ -42,7 +61,9 @@ _NAMED = {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
 def _escape(code: int) -> str:
     if code in _NAMED:
         return _NAMED[code]
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 _ONE_LINE = {code: _escape(code) for code in _CONTROLS}

@@ -30,6 +30,7 @@ SLASH = ("[/]x", "[/]x")  # Rich raised MarkupError on it
 RED = ("job[red]-7", "job[red]-7")  # Rich showed it as "job-7"
 ESC = ("esc\x1b[31mred", "esc\\x1b[31mred")  # turned the terminal red
 RTL = ("rtl\u202eabc", "rtl\\u202eabc")  # shown reversed
+ZWSP = ("job-\u200b7", "job-\\u200b7")  # looked like "job-7"
 QUEUE = ("q[/]\x1b[2J", "q[/]\\x1b[2J")
 MACHINE = ("m[bold]\x07", "m[bold]\\x07")
 STATE = ("st[/]ate\x1b", "st[/]ate\\x1b")
@@ -42,7 +43,7 @@ WAITING = ("waiting[red]", "waiting[red]")
 ERROR = ("boom [/] [red]\x1b[31m\n  File x, line 1", "boom [/] [red]\\x1b[31m\n  File x, line 1")
 
 # a control character printed raw (a newline ends a line, and is allowed)
-RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e]")
+RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e]")
 
 
 def machine(name: str) -> dict:
@@ -82,7 +83,7 @@ async def seed_names(o: Orchestrator) -> None:
         wake_at=None,
         checkpoints=timeline(WAITING[0], {}, STATE[0], ["waiting"]),
     )
-    for ex_id, _ in (SLASH, RED, ESC, RTL):
+    for ex_id, _ in (SLASH, RED, ESC, RTL, ZWSP):
         await o.submit(nasty, id=ex_id, queue=QUEUE[0])
     await o.signal(SIGNAL[0], {"ok": True})
     await o.add_schedule(SCHEDULE[0], nasty, cron="0 2 * * *", queue=QUEUE[0])
@@ -110,9 +111,9 @@ def shows(r, *names: tuple[str, str]) -> str:
 
 def test_the_cli_shows_names_literally(named, tmp_path):
     run = lambda *args: orch(*args, db_url=named, cwd=tmp_path)  # noqa: E731
-    shows(run("list"), SLASH, RED, ESC, RTL, FAILED, WAITING, QUEUE, MACHINE, STATE)
+    shows(run("list"), SLASH, RED, ESC, RTL, ZWSP, FAILED, WAITING, QUEUE, MACHINE, STATE)
     shows(run("list", "--queue", QUEUE[0]), SLASH, RED, ESC)
-    for name in (SLASH, RED, ESC, RTL):
+    for name in (SLASH, RED, ESC, RTL, ZWSP):
         out = shows(run("show", name[0]), name, MACHINE, QUEUE)
         assert f"id: {name[1]}\n" in out
     shows(run("show", WAITING[0]), WAITING, CHANNEL, STATE)
@@ -139,7 +140,7 @@ def test_json_output_is_the_exact_data(named, tmp_path):
         return json.loads(r.stdout)
 
     ids = {ex["id"] for ex in data("list")}
-    assert ids == {SLASH[0], RED[0], ESC[0], RTL[0], FAILED[0], WAITING[0]}
+    assert ids == {SLASH[0], RED[0], ESC[0], RTL[0], ZWSP[0], FAILED[0], WAITING[0]}
     failed = data("show", FAILED[0])
     assert failed["error"] == ERROR[0] and failed["machine"] == MACHINE[0]
     assert {h["state"] for h in failed["history"]} == {"start", STATE[0]}
@@ -188,8 +189,21 @@ def test_control_characters_show_as_their_escapes():
         "a\\x00b\\x1b\\x7f\\x9b\\t\\r\\n\\u2028\\u202e\\u2066"
     )
     assert shown("line 1\n\tline 2\x1b", multiline=True) == "line 1\n\tline 2\\x1b"
+    # invisible ones too: "job-7" with a zero-width space is not "job-7"
+    assert shown("job-\u200b7\ufeff\U000e0041") == "job-\\u200b7\\ufeff\\U000e0041"
     # what is not a control character is left as it is
-    assert shown("[/]x [red] é 日本 👩‍💻 \\x1b") == "[/]x [red] é 日本 👩‍💻 \\x1b"
+    assert shown("[/]x [red] é 日本 💻 \\x1b") == "[/]x [red] é 日本 💻 \\x1b"
+
+
+def test_every_control_and_format_character_is_made_visible():
+    import unicodedata
+
+    def invisible(ch: str) -> bool:
+        return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+
+    every = "".join(ch for ch in map(chr, range(sys.maxunicode + 1)) if invisible(ch))
+    assert len(every) > 190
+    assert not any(invisible(ch) for ch in shown(every))
 
 
 # ------------------------------------------------------------------ the console
@@ -231,7 +245,7 @@ def test_the_console_shows_names_literally(seeded_names, tmp_path):
             await pilot.press("2")
             table = app.screen.query_one(ExecutionsTable)
             await until(pilot, lambda: SLASH[0] in keys(table), "the executions")
-            for stored, seen in (SLASH, RED, ESC, RTL):
+            for stored, seen in (SLASH, RED, ESC, RTL, ZWSP):
                 assert str(cell(table, stored, 0)) == seen
                 assert str(cell(table, stored, 1)) == MACHINE[1]
                 assert str(cell(table, stored, 3)) == QUEUE[1]
