@@ -235,6 +235,11 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # flatmachines puts a handler of its own (stdout, names raw) on its logger
+    # unless it has one: ours, so that its lines are shown as orch's are
+    library = logging.getLogger("flatmachines")
+    library.handlers[:] = [handler]
+    library.propagate = False
     if not verbose:
         for noisy in ("flatmachines", "flatagents", "alembic", "httpx", "apscheduler"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -323,3 +323,34 @@ def test_a_machine_file_with_a_hostile_name_is_listed_literally(db_url, tmp_path
     assert r.returncode == 0 and r.stdout == "[red]x\n", r.stderr
     out = shows(orch("list", db_url=db_url, cwd=tmp_path), ("[red]x", "[red]x"))
     assert "[/]mach\\x1b[31mine" in out
+
+
+def test_the_librarys_log_lines_show_names_literally(db_url, tmp_path):
+    """flatmachines logs a state's handled error with the state's name, on a
+    handler of its own unless it finds one: orch's, which shows names as they are."""
+    path = write_machine(
+        tmp_path / "recovering.yml",
+        {
+            "spec": "flatmachine",
+            "spec_version": "4.2.1",
+            "data": {
+                "name": "recovering",
+                "states": {
+                    "start": {"type": "initial", "transitions": [{"to": STATE[0]}]},
+                    STATE[0]: {
+                        "hooks": "effects",
+                        "action": "fail",
+                        "on_error": "recover",
+                        "transitions": [{"to": "recover"}],
+                    },
+                    "recover": {"type": "final", "output": {}},
+                },
+            },
+        },
+    )
+    assert orch("submit", str(path), db_url=db_url, cwd=tmp_path).returncode == 0
+    r = orch("worker", "--burst", "--app", "testapp", db_url=db_url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = r.stdout + r.stderr
+    assert f"Error in {STATE[1]}, transitioning to recover" in log, log
+    assert "\x1b" not in log
