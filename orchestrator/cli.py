@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from .clock import iso
+from .display import shown
 from .errors import StoreUnavailable, UserError, WaitTimeout
 from .overlap import POLICIES as OVERLAP_POLICIES
 
@@ -55,7 +56,7 @@ STATUSES = ("queued", "running", "waiting", "completed", "failed", "cancelled")
 
 
 def fail(message: str) -> None:
-    click.echo(f"orch: error: {message}", err=True)
+    click.echo(f"orch: error: {shown(message)}", err=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -139,7 +140,7 @@ async def open_waiting(settings: Settings) -> Orchestrator:
 
     def say(why: str) -> None:
         waited.append(why)
-        click.echo(f"orch: waiting for the database: {why}", err=True)
+        click.echo(f"orch: waiting for the database: {shown(why)}", err=True)
 
     from . import stopsignal
 
@@ -230,11 +231,16 @@ def cli(ctx: click.Context, db: str | None, verbose: bool) -> None:
     """flatorch: durable FlatMachine workflows on SQLite or PostgreSQL."""
     ctx.ensure_object(dict)
     ctx.obj["db"] = db
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .display import LogFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    # flatmachines puts a handler of its own (stdout, names raw) on its logger
+    # unless it has one: ours, so that its lines are shown as orch's are
+    library = logging.getLogger("flatmachines")
+    library.handlers[:] = [handler]
+    library.propagate = False
     if not verbose:
         for noisy in ("flatmachines", "flatagents", "alembic", "httpx", "apscheduler"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -334,7 +340,7 @@ def submit(
                     executions = [await orch.wait(ex.id, timeout) for ex in executions]
                 except WaitTimeout as exc:
                     click.echo(
-                        f"orch: timed out waiting for {exc.execution.id} "
+                        f"orch: timed out waiting for {shown(exc.execution.id)} "
                         f"(still {exc.execution.status})",
                         err=True,
                     )
@@ -347,12 +353,13 @@ def submit(
                 emit_json(docs if batch else docs[0])
             else:
                 for ex in executions:
-                    click.echo(ex.id)
+                    click.echo(shown(ex.id))
                     if wait:
+                        why = shown(ex.error or ex.cancel_reason, multiline=True)
                         click.echo(
                             json.dumps(ex.output)
                             if ex.status == "completed"
-                            else f"{ex.status}: {ex.error or ex.cancel_reason}"
+                            else f"{ex.status}: {why}"
                         )
             if wait and any(ex.status in ("failed", "cancelled") for ex in executions):
                 return EXIT_FAILED
@@ -548,24 +555,24 @@ def show(ctx, execution_id, context_only, step, as_json):
         "created_at",
         "updated_at",
     ):
-        click.echo(f"{key:>14}: {doc[key]}")
+        click.echo(f"{key:>14}: {shown(doc[key])}")
     if doc["status"] == "waiting" or doc["waiting_channel"]:
-        click.echo(f"{'waiting on':>14}: {doc['waiting_channel']}")
+        click.echo(f"{'waiting on':>14}: {shown(doc['waiting_channel'])}")
     if doc["wake_at"]:
         click.echo(f"{'wakes at':>14}: {doc['wake_at']}")
     if doc["cancel_reason"]:
-        click.echo(f"{'cancelled for':>14}: {doc['cancel_reason']}")
+        click.echo(f"{'cancelled for':>14}: {shown(doc['cancel_reason'])}")
     if doc["needs"]:
-        click.echo(f"{'needs hooks':>14}: {doc['needs']}")
+        click.echo(f"{'needs hooks':>14}: {shown(doc['needs'])}")
     if doc.get("missing_hooks"):
         click.echo(
-            f"{'waiting for':>14}: a worker with hooks {', '.join(doc['missing_hooks'])} "
+            f"{'waiting for':>14}: a worker with hooks {shown(', '.join(doc['missing_hooks']))} "
             "(start one with --app MODULE whose hooks_registry has them)"
         )
     click.echo(f"{'input':>14}: {json.dumps(doc['input'])}")
     click.echo(f"{'output':>14}: {json.dumps(doc['output'])}")
     if doc["error"]:
-        click.echo(f"{'error':>14}: {doc['error']}")
+        click.echo(f"{'error':>14}: {shown(doc['error'], multiline=True)}")
     if doc["children"]:
         click.echo("children:")
         _table(
@@ -592,7 +599,8 @@ def result(ctx, execution_id, timeout):
                 ex = await orch.wait(execution_id, timeout)
             except WaitTimeout as exc:
                 click.echo(
-                    f"orch: timed out waiting for {execution_id} (still {exc.execution.status})",
+                    f"orch: timed out waiting for {shown(execution_id)} "
+                    f"(still {exc.execution.status})",
                     err=True,
                 )
                 return EXIT_TIMEOUT
@@ -601,7 +609,7 @@ def result(ctx, execution_id, timeout):
             return 0
         from .api import ExecutionFailed
 
-        click.echo(f"orch: {ExecutionFailed(ex)}", err=True)
+        click.echo(f"orch: {shown(ExecutionFailed(ex), multiline=True)}", err=True)
         return EXIT_FAILED
 
     sys.exit(run(body))
@@ -669,8 +677,8 @@ def queues(ctx, as_json):
         for r in rows:
             if r["waiting_for_hooks"]:
                 click.echo(
-                    f"queue '{r['queue']}' has executions waiting for a worker with hooks "
-                    f"{', '.join(r['waiting_for_hooks'])} (--app MODULE)"
+                    f"queue '{shown(r['queue'])}' has executions waiting for a worker with hooks "
+                    f"{shown(', '.join(r['waiting_for_hooks']))} (--app MODULE)"
                 )
         recent = [(r["queue"], e) for r in rows for e in r["scaling_events"]]
         if recent:
@@ -696,7 +704,7 @@ def _change_execution(ctx, execution_id: str, as_json: bool, change, describe) -
         if as_json:
             emit_json(execution_json(ex))
         else:
-            click.echo(describe(ex))
+            click.echo(shown(describe(ex)))
 
     run(body)
 
@@ -770,7 +778,7 @@ def fork(ctx, execution_id, from_step, new_id, context_patch, queue, machine, as
         if as_json:
             emit_json(execution_json(ex))
         else:
-            click.echo(ex.id)
+            click.echo(shown(ex.id))
 
     run(body)
 
@@ -817,9 +825,12 @@ def signal_(ctx, channel, data_json, data_file, as_json):
         if as_json:
             emit_json({"id": sent.id, "channel": sent.channel, "woken": sent.woken})
         elif sent.woken:
-            click.echo(f"signal {sent.id} on '{channel}' taken by {', '.join(sent.woken)}")
+            taken = shown(", ".join(sent.woken))
+            click.echo(f"signal {sent.id} on '{shown(channel)}' taken by {taken}")
         else:
-            click.echo(f"signal {sent.id} on '{channel}' kept until an execution waits for it")
+            click.echo(
+                f"signal {sent.id} on '{shown(channel)}' kept until an execution waits for it"
+            )
 
     run(body)
 
@@ -869,7 +880,7 @@ def scale(ctx, queue, min_workers, max_workers, per_worker, create):
                 per_worker=per_worker,
                 create=create,
             )
-        click.echo(f"queue '{queue}': min {min_workers}, max {max_workers}")
+        click.echo(f"queue '{shown(queue)}': min {min_workers}, max {max_workers}")
 
     run(body)
 
@@ -909,7 +920,7 @@ def schedule_add(ctx, name, machine, cron, input_json, queue, overlap):
             first = await orch.add_schedule(
                 name, config, cron=cron, input=data, queue=queue, overlap=overlap
             )
-        click.echo(f"schedule '{name}' added; first run {iso(first)}")
+        click.echo(f"schedule '{shown(name)}' added; first run {iso(first)}")
 
     run(body)
 
@@ -943,7 +954,7 @@ def schedule_remove(ctx, name):
     async def body() -> None:
         async with _orch(settings) as orch:
             await orch.remove_schedule(name)
-        click.echo(f"schedule '{name}' removed")
+        click.echo(f"schedule '{shown(name)}' removed")
 
     run(body)
 
@@ -1035,6 +1046,12 @@ def tui(ctx, refresh, lease_ttl):
     from tui import OrchApp
 
     settings = settings_from(ctx, lease_ttl=lease_ttl)
+    from .store.engine import parse_url
+
+    try:
+        parse_url(settings.database_url)  # a URL that cannot work: one line, not a crash
+    except UserError as exc:
+        fail(str(exc))
     OrchApp(settings, refresh_every=refresh).run()
 
 
@@ -1078,9 +1095,12 @@ def _table(headers: list[str], rows: list[list[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .display import text
+
     table = Table(*headers, box=None, pad_edge=False, header_style="bold")
     for row in rows:
-        table.add_row(*[str(c) if c is not None else "" for c in row])
+        # each cell is shown as it is: a name is never markup
+        table.add_row(*[text(c) for c in row])
     # a pipe gets full ids, not a table squeezed to 80 columns
     Console(width=None if sys.stdout.isatty() else 240).print(table)
 

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from .api import Orchestrator
+from .pool import owner_only
 from .schemas import Execution
 from .supervise import die_with_parent
 
@@ -88,7 +89,7 @@ class Demo:
             "--log-dir",
             str(self.dir / "logs"),
         ]
-        log = open(self.dir / "up.log", "ab")
+        log = open(self.dir / "up.log", "ab", opener=owner_only)
         self.up = subprocess.Popen(
             cmd,
             env=env,

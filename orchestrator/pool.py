@@ -16,6 +16,12 @@ from .supervise import die_with_parent
 log = logging.getLogger(__name__)
 
 
+def owner_only(path: str, flags: int) -> int:
+    """An ``open`` opener: a file it creates is readable by its owner alone (a
+    worker's log holds its inputs' names, its errors and tracebacks)."""
+    return os.open(path, flags, 0o600)
+
+
 @dataclass
 class Spawned:
     proc: subprocess.Popen
@@ -63,7 +69,7 @@ class LocalPool:
         env = dict(os.environ, ORCH_DATABASE_URL=self.database_url)
         if self.lease_ttl is not None:
             env["ORCH_LEASE_TTL"] = str(self.lease_ttl)
-        with open(log_path, "ab") as out:
+        with open(log_path, "ab", opener=owner_only) as out:
             # own session: a Ctrl-C at the terminal reaches the pool through
             # `orch up`, which drains its workers in order
             proc = subprocess.Popen(

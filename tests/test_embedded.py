@@ -267,8 +267,8 @@ def test_the_service_stopped_twice_ends_at_once_leaving_its_job_unreleased(db_ur
     starts a drain that would wait for the hook, a second SIGTERM ends the
     service at once (130). The job was not released under the hook, and its
     thread ended with the process, so no row is loaded after the end."""
-    import time
     import sqlite3
+    import time
     import urllib.request
 
     target = tmp_path / "out.sqlite"

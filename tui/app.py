@@ -16,6 +16,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from orchestrator import Orchestrator
+from orchestrator.display import shown
 from orchestrator.errors import StoreUnavailable, UserError
 from orchestrator.settings import Settings
 
@@ -28,16 +29,18 @@ T = TypeVar("T")
 
 
 def where(url: str) -> str:
-    """The store, briefly: a SQLite file's name, or PostgreSQL's host and database."""
-    from sqlalchemy.engine import make_url
+    """The store, briefly: a SQLite file's name, or PostgreSQL's host and database
+    (never a password, however the URL holds one)."""
+    from orchestrator.store.engine import parse_url
 
     try:
-        parsed = make_url(url)
+        parsed = parse_url(url)
     except Exception:
         return "?"
     if parsed.get_backend_name() == "sqlite":
-        return f"sqlite {parsed.database.rsplit('/', 1)[-1] if parsed.database else ''}"
-    return f"postgresql {parsed.host or ''}/{parsed.database or ''}"
+        name = parsed.database.rsplit("/", 1)[-1] if parsed.database else ""
+        return shown(f"sqlite {name}")
+    return shown(f"postgresql {parsed.host or ''}/{parsed.database or ''}")
 
 
 class OrchApp(App):
@@ -92,9 +95,9 @@ class OrchApp(App):
         try:
             result = await call
         except (UserError, StoreUnavailable) as exc:
-            self.notify(str(exc), severity="error", timeout=8)
+            self.notify(shown(exc), severity="error", timeout=8, markup=False)
             return None
-        self.notify(done)
+        self.notify(shown(done), markup=False)
         return result
 
     def cancel_execution(self, execution_id: str, then: Callable[[], Any]) -> None:
@@ -134,5 +137,5 @@ class OrchApp(App):
             channel, data = answer
             sent = await self.act(self.orch.signal(channel, data), f"signal sent on {channel}")
             if sent is not None and sent.woken:
-                self.notify(f"taken by {', '.join(sent.woken)}")
+                self.notify(shown(f"taken by {', '.join(sent.woken)}"), markup=False)
             then()

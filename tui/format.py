@@ -7,6 +7,7 @@ from datetime import datetime
 from rich.text import Text
 
 from orchestrator.clock import utcnow
+from orchestrator.display import text
 from orchestrator.schemas import Execution
 
 
@@ -30,7 +31,7 @@ STATUS_STYLE = {
 
 
 def status(value: str) -> Text:
-    return Text(value, style=STATUS_STYLE.get(value, ""))
+    return text(value, style=STATUS_STYLE.get(value, ""))
 
 
 def age(at: datetime | None) -> str:

@@ -8,6 +8,7 @@ from typing import Any
 from rich.text import Text
 from textual.widgets import DataTable, Static
 
+from orchestrator.display import text
 from orchestrator.schemas import Execution, QueueStats, Worker
 
 from . import format as fmt
@@ -60,12 +61,12 @@ class WorkersTable(Refillable):
             (
                 w.id,
                 (
-                    w.id,
-                    w.host,
+                    text(w.id),
+                    text(w.host),
                     str(w.pid),
                     fmt.status(w.status),
                     fmt.heartbeat(w.last_heartbeat, ttl),
-                    ",".join(w.queues),
+                    text(",".join(w.queues)),
                     f"{w.running}/{w.concurrency}",
                     str(w.completed),
                     str(w.failed),
@@ -93,7 +94,7 @@ class QueuesTable(Refillable):
             (
                 q.queue,
                 (
-                    q.queue,
+                    text(q.queue),
                     str(q.queued),
                     str(q.running),
                     str(q.waiting),
@@ -116,12 +117,12 @@ class ExecutionsTable(Refillable):
             (
                 ex.id,
                 (
-                    ex.id,
-                    ex.machine,
+                    text(ex.id),
+                    text(ex.machine),
                     fmt.status(ex.status),
-                    ex.queue,
-                    ex.current_state or "",
-                    fmt.waits_for(ex),
+                    text(ex.queue),
+                    text(ex.current_state),
+                    text(fmt.waits_for(ex)),
                     str(ex.attempt),
                     fmt.clock(ex.updated_at),
                 ),
@@ -137,5 +138,5 @@ class Banner(Static):
         if message is None:
             self.add_class("hidden")
             return
-        self.update(f"database not answering: {message} — retrying")
+        self.update(text(f"database not answering: {message} — retrying"))
         self.remove_class("hidden")

@@ -87,6 +87,18 @@ class Dialect:
         """Serialise concurrent schema upgrades (SQLite's write lock already does)."""
 
 
+def _create_owner_only(url: URL) -> None:
+    """Create a new store file readable by its owner alone, before SQLite makes
+    it with the umask's mode; SQLite gives its -wal and -shm files the mode of
+    the database file. An existing file is left as it is, and any error is for
+    SQLite's own open to report."""
+    path = url.database
+    if not path or path == ":memory:" or url.query.get("uri"):
+        return
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class SQLite(Dialect):
     name = "sqlite"
 
@@ -96,6 +108,10 @@ class SQLite(Dialect):
             connect_args={"check_same_thread": False},
             **_pool(pooled),
         )
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _before_connect(_dialect, _record, _cargs, _cparams):
+            _create_owner_only(url)
 
         @sa.event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial

@@ -9,6 +9,7 @@ PostgreSQL: psycopg 3, pooled connections with pre-ping.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
+from ..display import masked_url
 from ..errors import StoreUnavailable, UserError
 from ..revision import HEAD
 from . import outage
@@ -36,11 +38,18 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def parse_url(raw: str) -> URL:
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise UserError(
-            f"cannot parse database URL '{raw}': expected sqlite:///PATH or "
+            f"cannot parse database URL '{masked_url(raw)}': expected sqlite:///PATH or "
             "postgresql+psycopg://USER@HOST:PORT/DB (--db or ORCH_DATABASE_URL)"
         ) from None
+    if url.host and "@" in url.host:
+        # an unescaped "@" in the password: SQLAlchemy ends the password at the
+        # first "@", and the rest would be taken for the host (and said in every
+        # "cannot reach" message); the credentials end at the last one, as in
+        # urllib
+        spill, _, host = url.host.rpartition("@")
+        url = url.set(password=f"{url.password or ''}@{spill}", host=host)
     backend = url.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise UserError(
@@ -50,8 +59,11 @@ def parse_url(raw: str) -> URL:
     return url
 
 
+@functools.lru_cache(maxsize=64)  # named in every transaction's retry loop
 def masked(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
+    # rendered whole, then masked: an unescaped "@" in the password leaves
+    # its tail in SQLAlchemy's host, and a password can be a query parameter
+    return masked_url(url.render_as_string(hide_password=False))
 
 
 def sqlite_path(url: URL) -> Path | None:

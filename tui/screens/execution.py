@@ -11,6 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
+from orchestrator.display import shown, text
 from orchestrator.errors import StoreUnavailable, UserError
 from orchestrator.schemas import Execution
 
@@ -70,32 +71,32 @@ class ExecutionScreen(LiveScreen):
             self.app.database_down(str(exc))
             return
         except UserError as exc:
-            self.query_one("#summary", Static).update(str(exc))
+            self.query_one("#summary", Static).update(text(exc))
             return
         self.app.database_down(None)
         self.execution = ex
         self.query_one("#summary", Static).update(self.summary(ex))
         problem = ex.error or (f"cancelled: {ex.cancel_reason}" if ex.cancel_reason else "")
         self.query_one("#error", Static).update(
-            Text(problem or "no error", style="red" if problem else "dim")
+            text(problem or "no error", style="red" if problem else "dim", multiline=True)
         )
         self.query_one(Children).refill(
-            (c.id, (c.id, c.machine, fmt.status(c.status))) for c in ex.children or []
+            (c.id, (text(c.id), text(c.machine), fmt.status(c.status))) for c in ex.children or []
         )
         self.query_one(Timeline).refill(
             (
                 str(h.seq),
-                (str(h.seq), str(h.step), h.event, h.state or "", fmt.clock(h.at)),
+                (str(h.seq), str(h.step), text(h.event), text(h.state), fmt.clock(h.at)),
             )
             for h in ex.history or []
         )
 
     @staticmethod
     def summary(ex: Execution) -> Text:
-        text = Text()
-        text.append(f"{ex.id}", style="bold")
-        text.append(f"  {ex.machine}  ")
-        text.append_text(fmt.status(ex.status))
+        summary = Text()
+        summary.append(shown(ex.id), style="bold")
+        summary.append(f"  {shown(ex.machine)}  ")
+        summary.append_text(fmt.status(ex.status))
         lines = [
             f"attempt {ex.attempt} · recoveries {ex.recoveries} · fence {ex.fence} · "
             f"queue {ex.queue} · worker {ex.worker_id or '-'} · state {ex.current_state or '-'}",
@@ -107,8 +108,8 @@ class ExecutionScreen(LiveScreen):
             lines.append(f"parent {ex.parent_id} · root {ex.root_id}")
         lines.append(f"input  {json.dumps(ex.input)}"[:400])
         lines.append(f"output {json.dumps(ex.output)}"[:400])
-        text.append("\n" + "\n".join(lines))
-        return text
+        summary.append("\n" + "\n".join(shown(line) for line in lines))
+        return summary
 
     # ------------------------------------------------------------- actions
 
@@ -128,7 +129,7 @@ class ExecutionScreen(LiveScreen):
         try:
             context = await self.app.orch.checkpoint_context(self.execution_id, seq)
         except (StoreUnavailable, UserError) as exc:
-            self.app.notify(str(exc), severity="error")
+            self.app.notify(shown(exc), severity="error", markup=False)
             return
         self.app.push_screen(JsonView(f"{self.execution_id}: context at checkpoint {seq}", context))
 

@@ -17,6 +17,7 @@ from textual.widgets import (
     TabPane,
 )
 
+from orchestrator.display import text
 from orchestrator.errors import StoreUnavailable
 
 from ..feed import Filters
@@ -92,12 +93,12 @@ class MainScreen(LiveScreen):
             for e in q.scaling_events[:2]
         ]
         self.query_one("#scaling", Static).update(
-            "Scaling: " + (" · ".join(events[:3]) if events else "no scaling events yet")
+            text("Scaling: " + (" · ".join(events[:3]) if events else "no scaling events yet"))
         )
         self.query_one(ExecutionsTable).show(executions)
         page = f"page {self.filters.page + 1} ({len(executions)} shown; n/p to turn)"
         self.query_one("#filters", Static).update(
-            f"Filters: {self.filters.describe()} (f to change, x to clear) · {page}"
+            text(f"Filters: {self.filters.describe()} (f to change, x to clear) · {page}")
         )
 
     # ------------------------------------------------------------- helpers

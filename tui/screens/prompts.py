@@ -12,6 +12,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select, Static
 
+from orchestrator.display import shown, text
+
 from ..feed import STATUSES, Filters
 
 
@@ -46,7 +48,7 @@ class Prompt(ModalScreen):
         self.submit()
 
     def refuse(self, message: str) -> None:
-        self.query_one("#error", Label).update(message)
+        self.query_one("#error", Label).update(text(message))
 
     def value(self, id_: str) -> str:
         return self.query_one(f"#{id_}", Input).value.strip()
@@ -80,7 +82,7 @@ class Confirm(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="dialog-title")
+            yield Label(text(self.question), classes="dialog-title")
             with Horizontal(classes="buttons"):
                 yield Button("Yes (y)", variant="error", id="yes")
                 yield Button("No (n)", id="no")
@@ -100,13 +102,16 @@ class SignalPrompt(Prompt):
         self.channel = channel
 
     def fields(self) -> ComposeResult:
-        yield Input(self.channel, placeholder="channel, e.g. approval/job-1", id="channel")
+        # the waiting channel as it shows; left as it is, the signal goes to it
+        yield Input(shown(self.channel), placeholder="channel, e.g. approval/job-1", id="channel")
         yield Input("", placeholder='data as JSON, e.g. {"ok": true} (empty: null)', id="data")
 
     def submit(self) -> None:
         channel = self.value("channel")
         if not channel:
             return self.refuse("a signal needs a channel")
+        if self.channel and channel == shown(self.channel).strip():
+            channel = self.channel
         text = self.value("data")
         try:
             data = parse_json(text, "the data") if text else None
@@ -123,7 +128,7 @@ class ScalePrompt(Prompt):
         self.queue, self.low, self.high = queue, low, high
 
     def fields(self) -> ComposeResult:
-        yield Label(f"queue {self.queue}: workers from min to max")
+        yield Label(text(f"queue {self.queue}: workers from min to max"))
         yield Input(str(self.low), placeholder="min", id="min")
         yield Input(str(self.high), placeholder="max", id="max")
 
@@ -147,7 +152,7 @@ class ForkPrompt(Prompt):
         self.execution_id, self.step = execution_id, step
 
     def fields(self) -> ComposeResult:
-        yield Label(f"a new execution from {self.execution_id} at step {self.step}")
+        yield Label(text(f"a new execution from {self.execution_id} at step {self.step}"))
         yield Input("", placeholder="new id (empty: one is made up)", id="new")
         yield Input("", placeholder="context patch as a JSON object (optional)", id="patch")
 
@@ -202,10 +207,10 @@ class JsonView(ModalScreen):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog wide"):
-            yield Label(self.heading, classes="dialog-title")
+            yield Label(text(self.heading), classes="dialog-title")
             with VerticalScroll(classes="json"):
-                text = json.dumps(self.value, indent=2, default=str)
-                yield Static(Syntax(text, "json", word_wrap=True), id="json")
+                pretty = json.dumps(self.value, indent=2, default=str)
+                yield Static(Syntax(pretty, "json", word_wrap=True), id="json")
 
 
 class Help(ModalScreen):
