@@ -631,7 +631,8 @@ def test_the_leader_rides_out_an_outage_and_never_double_fires(store, outage, tm
     )
     machine = chain_machine(tmp_path / "m.yml", ["add"])
     with freeze_time("2026-03-02 00:00:30", real_asyncio=True) as clock:
-        run_async(Client(store).add_schedule("tick", machine, cron="* * * * *"))
+        # every tick fires (no run ever finishes here: the default, skip, would skip them)
+        run_async(Client(store).add_schedule("tick", machine, cron="* * * * *", overlap="allow"))
         leader_store = run_async(Store.open(settings))
         try:
             leader = Scheduler(leader_store, settings)
