@@ -33,7 +33,7 @@ import machines
 from . import stopsignal
 from .app import registered_names
 from .clock import renew_interval
-from .errors import StoreUnavailable
+from .errors import LeaseLost, StoreUnavailable
 from .runner import Outcome, Runner
 from .settings import Settings
 from .store import Claim, Store
@@ -455,6 +455,9 @@ class Worker:
         ex_id = claim.execution.id
         interrupted = False
         try:
+            if (defect := claim.execution.defect()) is not None:
+                await self._fail_unusable(claim, defect)
+                return
             outcome: Outcome = await self.runner.run(claim)
             if outcome.status == "completed":
                 self.completed += 1
@@ -491,6 +494,18 @@ class Worker:
                 del self._running[ex_id]
             self._lost.discard((ex_id, claim.fence))
             self._wake.set()
+
+    async def _fail_unusable(self, claim: Claim, defect: str) -> None:
+        """A row this worker cannot run (written around the API): it ends failed,
+        saying why, and the worker goes on with the next."""
+        ex_id = claim.execution.id
+        error = f"execution {ex_id} cannot run: {defect}; correct the row, then `orch retry`"
+        log.warning("failed %s: %s", ex_id, defect)
+        try:
+            await self.store.finish(claim, status="failed", error=error)
+        except LeaseLost:
+            return
+        self.failed += 1
 
     def _abandon(self, lost: dict[str, int]) -> None:
         """Stop runs whose claim (id: fence) moved on: taken over, or cancelled.
