@@ -218,3 +218,17 @@ def machine(value: Any, *, optional: bool = False) -> None:
             "the machine must be a file path, a config dict or a MachineConfig, "
             f"not {type(value).__name__}"
         )
+
+
+class ContextTooLarge(UserError):
+    """A context past ORCH_MAX_CONTEXT_BYTES: a fork's is refused, a run's fails."""
+
+
+def context_within_limit(context: Any, limit: int) -> None:
+    size = json_size(context)
+    if size > limit:
+        raise ContextTooLarge(
+            f"the context is {size} bytes as JSON; the most is {limit} "
+            "(ORCH_MAX_CONTEXT_BYTES): keep large data elsewhere and put a reference to it "
+            "in the context"
+        )

@@ -20,6 +20,7 @@ from flatmachines.persistence import config_hash
 from flatmachines.signals import Signal
 
 from . import timers
+from .checks import context_within_limit
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .store import CheckpointRow, Claim, Store
@@ -122,6 +123,9 @@ class FencedPersistence(PersistenceBackend):
         library's ``latest`` pointer that follows it is then a no-op."""
         if self.broken is not None:
             raise self.broken
+        limit = self.store.settings.max_context_bytes
+        if len(row.snapshot) > limit:  # the context is inside it: only then measure it
+            context_within_limit(json.loads(row.snapshot).get("context"), limit)
         execution_id, event = row.execution_id, row.event
         self._last_saved[execution_id] = row.key
         if execution_id == self.owner_id:
