@@ -321,6 +321,8 @@ class Orchestrator:
 
     async def throughput(self, *, buckets: int = 60, seconds: float = 10.0) -> list[int]:
         """Completions in each of the last ``buckets`` windows of ``seconds``."""
+        checks.integer(buckets, "buckets", low=1, high=10_000)
+        checks.seconds(seconds, "seconds", positive=True)
         return await self.store.finished_per_bucket(buckets=buckets, seconds=seconds)
 
     async def count_by_status(self) -> dict[str, int]:
@@ -462,6 +464,7 @@ class Orchestrator:
 
         registry = self._registry(hooks)
         checks.integer(concurrency, "concurrency", low=1)
+        checks.seconds(drain_timeout, "drain_timeout")
         for name in queues:
             checks.queue_name(name, "a queue")
         options = WorkerOptions(
@@ -498,6 +501,10 @@ class Orchestrator:
         with ``burst``, until nothing is left to claim): `orch worker`."""
         from .worker import Worker, WorkerOptions
 
+        checks.integer(concurrency, "--concurrency", low=1)
+        checks.seconds(drain_timeout, "--drain-timeout")
+        for name in queues:
+            checks.queue_name(name, "--queue")
         options = WorkerOptions(
             queues=list(queues),
             concurrency=concurrency,

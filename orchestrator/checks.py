@@ -24,6 +24,8 @@ ID_LENGTH = executions.c.id.type.length
 QUEUE_LENGTH = executions.c.queue.type.length
 CHANNEL_LENGTH = signals.c.channel.type.length
 SCHEDULE_NAME_LENGTH = schedules.c.name.type.length
+NAME_LENGTH = executions.c.machine.type.length
+NEEDS_LENGTH = executions.c.needs.type.length
 CRON_LENGTH = schedules.c.cron.type.length
 INT_MAX = 2**31 - 1  # PostgreSQL's INTEGER; SQLite holds more
 # Nesting past this is refused: copying, rendering and encoding a value

@@ -66,9 +66,14 @@ class Client:
         from .machine_config import MachineConfig, load_machine_file
 
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
-        await self.store.put_config(
-            config.hash, config.name, config.raw, ",".join(sorted(config.hook_names))
-        )
+        needs = ",".join(sorted(config.hook_names))
+        checks.bounded_text(config.name, "the machine's name (data.name)", checks.NAME_LENGTH)
+        if len(needs) > checks.NEEDS_LENGTH:
+            raise UserError(
+                f"the machine names hooks of {len(needs)} characters in all; the most is "
+                f"{checks.NEEDS_LENGTH}: use shorter hooks names"
+            )
+        await self.store.put_config(config.hash, config.name, config.raw, needs)
         return config
 
     async def submit(
@@ -319,6 +324,7 @@ class Client:
             else:  # the store names the steps there are
                 config = await self._repin(machine, execution_id, None, None)
         new_id = id or f"{execution_id}-fork-{uuid.uuid4().hex[:8]}"
+        checks.execution_id(new_id, "the fork's id (ID-fork-XXXXXXXX: pass a shorter --id)")
         return await self.store.fork(
             execution_id,
             step=from_step,

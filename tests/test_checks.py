@@ -97,6 +97,17 @@ BAD_CALLS: dict[str, tuple[str, tuple, dict]] = {
     "submit-backoff-zero": ("submit", ("M",), {"backoff": 0}),
     "submit-machine-int": ("submit", (5,), {}),
     "submit-machine-nested-dict": ("submit", (nested(checks.MAX_DEPTH + 1),), {}),
+    "submit-machine-name-too-long": (
+        "submit",
+        (
+            {
+                "spec": "flatmachine",
+                "spec_version": "4.2.1",
+                "data": {"name": "n" * 201, "states": {"done": {"type": "final"}}},
+            },
+        ),
+        {},
+    ),
     "submit-many-one-bad-of-three": ("submit_many", ("M", [{}, {"x": NAN}, {}]), {}),
     "submit-many-bad-id": ("submit_many", ("M", [{}, {}]), {"ids": ["a", LONG_ID]}),
     "signal-channel-int": ("signal", (123,), {}),
@@ -142,6 +153,7 @@ BAD_CALLS: dict[str, tuple[str, tuple, dict]] = {
         {"min_workers": 0, "max_workers": 1, "create": True},
     ),
     "pause-queue-int": ("pause_queue", (5,), {}),
+    "throughput-buckets-zero": ("throughput", (), {"buckets": 0}),
     "schedule-name-too-long": ("add_schedule", ("n" * 201, "M"), {"cron": "* * * * *"}),
     "schedule-cron-int": ("add_schedule", ("nightly", "M"), {"cron": 5}),
     "schedule-queue-list": ("add_schedule", ("nightly", "M"), {"cron": "* * * * *", "queue": []}),
