@@ -19,7 +19,7 @@ from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
 from flatmachines.signals import Signal
 
-from . import timers
+from . import checks, timers
 from .checks import context_within_limit
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
@@ -316,6 +316,7 @@ class StoreSignals:
         self.persistence = persistence
 
     async def consume(self, channel: str) -> Signal | None:
+        checks.channel(channel)  # a rendered channel the store cannot hold is the state's error
         ex = self.claim.execution
         now = utcnow()
         # the wake-up time of the wait this run resumes, if it parked on this channel
@@ -343,6 +344,8 @@ class StoreSignals:
         return None
 
     async def send(self, channel: str, data: Any) -> str:
+        checks.channel(channel)
+        checks.signal_data(data, self.store.settings.max_signal_bytes)
         signal_id, _ = await self.store.send_signal(channel, data)
         return str(signal_id)
 

@@ -483,6 +483,31 @@ def test_a_worker_fails_a_row_it_cannot_use_and_goes_on(db_url, tmp_path, machin
         assert says in errors[ex_id].splitlines()[0], errors[ex_id]
 
 
+def test_a_rendered_channel_too_long_for_the_store_fails_its_run(db_url, tmp_path, workers):
+    from .test_waits import wait_machine
+
+    wait_machine(tmp_path / "w.yml", "approval/{{ context.ticket }}")
+    data = yaml.safe_load((tmp_path / "w.yml").read_text())
+    data["data"]["context"]["ticket"] = "input.ticket"
+    write_machine(tmp_path / "w.yml", data)
+    fits = "t" * (checks.CHANNEL_LENGTH - len("approval/"))
+    for ex_id, ticket in (("too-long", fits + "t"), ("fits", fits)):
+        args = ("--id", ex_id, "--input", json.dumps({"ticket": ticket}))
+        ok(orch("submit", "w.yml", *args, db_url=db_url, cwd=tmp_path))
+    w = workers(db_url, "--app", "testapp", "--burst")
+    assert w.wait() == 0, w.log()
+
+    async def outcome() -> dict:
+        async with Orchestrator(db_url) as o:
+            return {i: await o.get(i) for i in ("too-long", "fits")}
+
+    done = run_async(outcome())
+    assert done["fits"].status == "waiting"
+    assert done["fits"].waiting_channel == "approval/" + fits
+    assert done["too-long"].status == "failed"
+    assert "a signal channel is 401 characters" in done["too-long"].error.splitlines()[0]
+
+
 # ------------------------------------------------------------------ a .jsonl file streams
 
 
