@@ -612,6 +612,27 @@ def test_yaml_expanded_to_exactly_the_bound_loads_and_one_more_is_refused():
         safeyaml.load(at[:-1] + ",1]")
 
 
+def test_the_lengths_checked_are_the_columns():
+    from orchestrator.store import models
+
+    ex, sig, sched = models.executions.c, models.signals.c, models.schedules.c
+    for column in (
+        ex.id,
+        ex.parent_id,
+        ex.root_id,
+        ex.worker_id,
+        models.checkpoints.c.execution_id,
+    ):
+        assert column.type.length == checks.ID_LENGTH, column
+    assert ex.queue.type.length == models.queues.c.name.type.length == checks.QUEUE_LENGTH
+    assert sig.channel.type.length == ex.waiting_channel.type.length == checks.CHANNEL_LENGTH
+    assert ex.machine.type.length == models.configs.c.machine_name.type.length == checks.NAME_LENGTH
+    assert ex.needs.type.length == models.configs.c.needs.type.length == checks.NEEDS_LENGTH
+    assert sched.name.type.length == checks.SCHEDULE_NAME_LENGTH
+    assert sched.cron.type.length == checks.CRON_LENGTH
+    assert sched.queue.type.length == checks.QUEUE_LENGTH
+
+
 def test_json_size_is_what_the_limits_count():
     assert checks.json_size({"a": "é", "b": [1, 2]}) == len('{"a":"é","b":[1,2]}'.encode())
 
