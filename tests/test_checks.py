@@ -647,3 +647,10 @@ def test_client_checks_the_same_as_the_api(db_url, machine):
 
     with pytest.raises(UserError, match="--priority"):
         run_async(call())
+
+
+def test_the_console_refuses_json_nested_past_recursion():
+    from tui.screens.prompts import parse_json
+
+    with pytest.raises(ValueError, match="nested too deep"):
+        parse_json("[" * 100_000 + "]" * 100_000, "data")
