@@ -21,13 +21,13 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from . import schemas
+from . import checks, schemas
 from .client import Client
 from .errors import OrchError, StoreUnavailable, UserError, WaitTimeout
 from .routing import missing_hooks
@@ -66,11 +66,13 @@ def _config(machine: Machine) -> MachineConfig:
     """A machine file, a parsed config dict, or a loaded config, checked."""
     from .machine_config import MachineConfig, load_machine_file
 
+    checks.machine(machine)
     if isinstance(machine, MachineConfig):
         return machine
     if isinstance(machine, dict):
         import tempfile
 
+        checks.nesting(machine, "the machine config")  # what YAML can write out
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "machine.yml"
             path.write_text(yaml.safe_dump(machine, sort_keys=False))
@@ -152,7 +154,7 @@ class Orchestrator:
         config). The same ``id`` again returns the existing execution."""
         submitted = await self.client.submit(
             _config(machine),
-            input or {},
+            {} if input is None else input,
             id=id,
             queue=queue,
             priority=priority,
@@ -176,6 +178,26 @@ class Orchestrator:
             _config(machine), inputs, ids=ids, progress=progress, **kw
         )
         return [(schemas.Execution.of(s.execution), s.created) for s in done]
+
+    async def submit_batches(
+        self,
+        machine: Machine,
+        inputs: Iterable[dict[str, Any]],
+        *,
+        ids: Iterable[str] | None = None,
+        **kw: Any,
+    ) -> AsyncIterator[list[tuple[schemas.Execution, bool]]]:
+        """Enqueue one execution per input of a stream (a generator over a big
+        file, say), taken a batch at a time: (execution, created) per batch.
+        Each batch is checked before it is written; check the whole stream
+        first (``check_input``) if a bad item must leave nothing written."""
+        async for batch in self.client.submit_batches(_config(machine), inputs, ids=ids, **kw):
+            yield [(schemas.Execution.of(s.execution), s.created) for s in batch]
+
+    def check_input(self, item: Any, what: str = "the input") -> dict[str, Any]:
+        """UserError unless ``item`` is an input a submit takes (a JSON object
+        within ORCH_MAX_INPUT_BYTES, finite, not too deep)."""
+        return checks.execution_input(item, what, self.settings.max_input_bytes)
 
     async def result(self, execution_id: str, timeout: float | None = None) -> Any:
         """Wait for the execution to finish and return its output. ExecutionFailed
@@ -278,6 +300,9 @@ class Orchestrator:
         offset: int = 0,
     ) -> list[schemas.Execution]:
         """Executions, newest first; ``text`` matches part of an id or machine name."""
+        checks.listing(
+            status=status, queue=queue, parent=parent, text=text, limit=limit, offset=offset
+        )
         if parent:
             await self.client.get(parent)  # an unknown parent is a mistake, not an empty list
         rows = await self.store.list_executions(
@@ -287,6 +312,8 @@ class Orchestrator:
 
     async def checkpoint_context(self, execution_id: str, seq: int) -> Any:
         """The context of one checkpoint of the history (its ``seq``)."""
+        checks.execution_id(execution_id)
+        checks.integer(seq, "the checkpoint's seq")
         at = await self.store.checkpoint_at(execution_id, seq=seq)
         if at is None:
             raise UserError(f"execution {execution_id} has no checkpoint {seq}")
@@ -294,6 +321,8 @@ class Orchestrator:
 
     async def throughput(self, *, buckets: int = 60, seconds: float = 10.0) -> list[int]:
         """Completions in each of the last ``buckets`` windows of ``seconds``."""
+        checks.integer(buckets, "buckets", low=1, high=10_000)
+        checks.seconds(seconds, "seconds", positive=True)
         return await self.store.finished_per_bucket(buckets=buckets, seconds=seconds)
 
     async def count_by_status(self) -> dict[str, int]:
@@ -357,10 +386,12 @@ class Orchestrator:
 
     async def pause_queue(self, queue: str) -> None:
         """No worker claims the queue's executions until ``resume_queue``."""
+        checks.queue_name(queue, "the queue")
         if not await self.store.set_queue_paused(queue, True):
             raise UserError(f"no queue named '{queue}' (see `orch queues`)")
 
     async def resume_queue(self, queue: str) -> None:
+        checks.queue_name(queue, "the queue")
         if not await self.store.set_queue_paused(queue, False):
             raise UserError(f"no queue named '{queue}' (see `orch queues`)")
 
@@ -376,6 +407,7 @@ class Orchestrator:
     ) -> Any:
         from .cron import trigger
 
+        checks.bounded_text(cron, "--cron", checks.CRON_LENGTH)
         trigger(cron)  # a bad expression before the machine is even read
         return await self.client.add_schedule(
             name, _config(machine), cron=cron, input=input, queue=queue, overlap=overlap
@@ -388,6 +420,7 @@ class Orchestrator:
         ]
 
     async def remove_schedule(self, name: str) -> None:
+        checks.bounded_text(name, "a schedule name", checks.SCHEDULE_NAME_LENGTH)
         if not await self.store.remove_schedule(name):
             raise UserError(f"no schedule named '{name}' (see `orch schedule list`)")
 
@@ -435,8 +468,10 @@ class Orchestrator:
         from .worker import Worker, WorkerOptions
 
         registry = self._registry(hooks)
-        if concurrency < 1:
-            raise UserError("concurrency must be at least 1")
+        checks.integer(concurrency, "concurrency", low=1)
+        checks.seconds(drain_timeout, "drain_timeout")
+        for name in queues:
+            checks.queue_name(name, "a queue")
         options = WorkerOptions(
             queues=list(queues),
             concurrency=concurrency,
@@ -476,6 +511,10 @@ class Orchestrator:
         with ``burst``, until nothing is left to claim): `orch worker`."""
         from .worker import Worker, WorkerOptions
 
+        checks.integer(concurrency, "--concurrency", low=1)
+        checks.seconds(drain_timeout, "--drain-timeout")
+        for name in queues:
+            checks.queue_name(name, "--queue")
         options = WorkerOptions(
             queues=list(queues),
             concurrency=concurrency,

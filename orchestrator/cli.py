@@ -14,10 +14,12 @@ import os
 os.environ.setdefault("FLATAGENTS_LOG_LEVEL", "WARNING")
 
 import asyncio
+import itertools
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+import textwrap
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -178,13 +180,9 @@ def emit_json(data: Any) -> None:
 
 
 def parse_input_object(text: str, where: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); "
-            "give an object such as '{\"n\": 5}'"
-        ) from None
+    from . import checks
+
+    value = checks.parse_json(text, where, '{"n": 5}')
     if not isinstance(value, dict):
         raise UserError(
             f"{where} must be a JSON object such as '{{\"n\": 5}}', not a {type(value).__name__}"
@@ -192,26 +190,50 @@ def parse_input_object(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def read_inputs(input_json: str | None, input_file: str | None) -> tuple[list[dict], bool]:
-    """(inputs, is_batch). All of a .jsonl file is checked before anything is written."""
+def read_text_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def jsonl_inputs(path: Path, check: Callable[[Any, str], dict]) -> Iterator[dict[str, Any]]:
+    """The inputs of a .jsonl file, one line at a time, each checked by
+    ``check(value, where)``: a file of any length is never all in memory."""
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if line.strip():
+                    where = f"{path} line {n}"
+                    yield check(parse_input_object(line, where), where)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_inputs(
+    input_json: str | None, input_file: str | None, check: Callable[[Any, str], dict]
+) -> tuple[dict, None] | tuple[Path, int]:
+    """(the one input, None), or (a .jsonl file, its number of inputs) once
+    every line of it is checked, read as a stream: a bad line writes nothing."""
     if input_json is not None and input_file is not None:
         raise UserError("give --input or --input-file, not both")
     if input_file is None:
-        return [parse_input_object(input_json, "--input") if input_json is not None else {}], False
+        if input_json is None:
+            return {}, None
+        return check(parse_input_object(input_json, "--input"), "--input"), None
     path = Path(input_file)
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        inputs = [
-            parse_input_object(line, f"{path} line {n}")
-            for n, line in enumerate(text.splitlines(), 1)
-            if line.strip()
-        ]
-        if not inputs:
+        count = sum(1 for _ in jsonl_inputs(path, check))
+        if not count:
             raise UserError(f"{path} holds no input lines")
-        return inputs, True
-    return [parse_input_object(text, str(path))], False
+        return path, count
+    return check(parse_input_object(read_text_file(path), str(path)), str(path)), None
 
 
 # ---------------------------------------------------------------- commands
@@ -302,90 +324,119 @@ def submit(
     as_json,
 ):
     """Enqueue MACHINE.yml; prints the execution id."""
-    retry = {"max_attempts": max_attempts, "backoff": backoff}
+    from . import checks
+
+    options = dict(
+        queue=queue, priority=priority, delay=delay, max_attempts=max_attempts, backoff=backoff
+    )
     settings = settings_from(ctx)
 
+    def check(value: Any, where: str) -> dict[str, Any]:
+        return checks.execution_input(value, where, settings.max_input_bytes)
+
     async def body() -> int:
-        inputs, batch = read_inputs(input_json, input_file)
-        if max_attempts < 1:
-            raise UserError("--max-attempts must be at least 1")
-        if backoff <= 0:
-            raise UserError("--backoff must be more than 0 seconds")
+        checks.submit_options(**options)
+        if execution_id is not None:
+            checks.execution_id(execution_id, "--id")
+        given, count = read_inputs(input_json, input_file, check)
+        if count is not None and execution_id is not None:
+            checks.execution_id(f"{execution_id}-{count}", "--id with the line numbers it gets")
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
         config = load_machine_file(machine, allow_outside_refs=allow_outside_refs)
         async with _orch(settings) as orch:
-            if batch:
-                ids = (
-                    [f"{execution_id}-{n}" for n in range(1, len(inputs) + 1)]
-                    if execution_id
-                    else None
-                )
-                submitted = await _submit_with_progress(
-                    orch, config, inputs, ids, queue, priority, delay, retry, as_json
-                )
-            else:
-                submitted = await orch.submit_many(
-                    config,
-                    inputs,
-                    ids=[execution_id] if execution_id else None,
-                    queue=queue,
-                    priority=priority,
-                    delay=delay,
-                    **retry,
-                )
-            executions = [ex for ex, _ in submitted]
-            if wait:
-                try:
-                    executions = [await orch.wait(ex.id, timeout) for ex in executions]
-                except WaitTimeout as exc:
-                    click.echo(
-                        f"orch: timed out waiting for {shown(exc.execution.id)} "
-                        f"(still {exc.execution.status})",
-                        err=True,
-                    )
-                    return EXIT_TIMEOUT
-            if as_json:
-                docs = [
-                    {**execution_json(ex), "created": created}
-                    for ex, (_, created) in zip(executions, submitted, strict=True)
-                ]
-                emit_json(docs if batch else docs[0])
-            else:
-                for ex in executions:
-                    click.echo(shown(ex.id))
-                    if wait:
-                        why = shown(ex.error or ex.cancel_reason, multiline=True)
-                        click.echo(
-                            json.dumps(ex.output)
-                            if ex.status == "completed"
-                            else f"{ex.status}: {why}"
-                        )
-            if wait and any(ex.status in ("failed", "cancelled") for ex in executions):
-                return EXIT_FAILED
-            return 0
+            if count is None:
+                ids = [execution_id] if execution_id is not None else None
+                [(ex, created)] = await orch.submit_many(config, [given], ids=ids, **options)
+                if wait:
+                    ex = await _wait_for(orch, ex.id, timeout)
+                    if ex is None:
+                        return EXIT_TIMEOUT
+                if as_json:
+                    emit_json({**execution_json(ex), "created": created})
+                else:
+                    _print_submitted(ex, wait)
+                return EXIT_FAILED if wait and ex.status in ("failed", "cancelled") else 0
+            return await _submit_file(
+                orch, config, given, count, execution_id, options, wait, timeout, as_json, check
+            )
 
     sys.exit(run(body))
 
 
-async def _submit_with_progress(orch, machine, inputs, ids, queue, priority, delay, retry, quiet):
+async def _wait_for(orch: Orchestrator, execution_id: str, timeout: float | None):
+    """The finished execution, or None (said on stderr) after ``timeout``."""
+    try:
+        return await orch.wait(execution_id, timeout)
+    except WaitTimeout as exc:
+        click.echo(
+            f"orch: timed out waiting for {shown(exc.execution.id)} (still {exc.execution.status})",
+            err=True,
+        )
+        return None
+
+
+def _print_submitted(ex: Execution, waited: bool) -> None:
+    click.echo(shown(ex.id))
+    if waited:
+        why = shown(ex.error or ex.cancel_reason, multiline=True)
+        click.echo(json.dumps(ex.output) if ex.status == "completed" else f"{ex.status}: {why}")
+
+
+class _JsonList:
+    """A JSON list printed an item at a time, as ``emit_json`` prints one whole."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def add(self, doc: Any) -> None:
+        text = textwrap.indent(json.dumps(doc, indent=2, default=str), "  ")
+        click.echo(("[\n" if not self.items else ",\n") + text, nl=False)
+        self.items += 1
+
+    def close(self) -> None:
+        click.echo("\n]" if self.items else "[]")
+
+
+async def _submit_file(
+    orch, config, path, count, execution_id, options, wait, timeout, as_json, check
+) -> int:
+    """A .jsonl file, streamed: read, submitted and printed a batch at a time
+    (with --wait, printed once every one of them is done)."""
     from rich.console import Console
     from rich.progress import Progress
 
+    ids = (f"{execution_id}-{n}" for n in itertools.count(1)) if execution_id else None
+    listing = _JsonList() if as_json else None
+    submitted: list[tuple[str, bool]] = []
     with Progress(
-        console=Console(stderr=True), transient=quiet, disable=not sys.stderr.isatty()
+        console=Console(stderr=True), transient=as_json, disable=not sys.stderr.isatty()
     ) as bar:
-        task = bar.add_task("submitting", total=len(inputs))
-        return await orch.submit_many(
-            machine,
-            inputs,
-            ids=ids,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            **retry,
-            progress=lambda n: bar.advance(task, n),
-        )
+        task = bar.add_task("submitting", total=count)
+        batches = orch.submit_batches(config, jsonl_inputs(path, check), ids=ids, **options)
+        async for batch in batches:
+            bar.advance(task, len(batch))
+            for ex, created in batch:
+                if wait:
+                    submitted.append((ex.id, created))
+                elif listing is not None:
+                    listing.add({**execution_json(ex), "created": created})
+                else:
+                    click.echo(shown(ex.id))
+    done = []
+    for ex_id, created in submitted:  # all of them before anything is printed
+        ex = await _wait_for(orch, ex_id, timeout)
+        if ex is None:
+            return EXIT_TIMEOUT
+        done.append((ex, created))
+    for ex, created in done:
+        if listing is not None:
+            listing.add({**execution_json(ex), "created": created})
+        else:
+            _print_submitted(ex, True)
+    if listing is not None:
+        listing.close()
+    return EXIT_FAILED if any(ex.status in ("failed", "cancelled") for ex, _ in done) else 0
 
 
 @cli.command()
@@ -475,8 +526,12 @@ async def _check_app(app: str | None) -> None:
 @click.pass_context
 def list_(ctx, status, queue, limit, parent, as_json):
     """Executions, newest first."""
-    from . import quickread
+    from . import checks, quickread
 
+    try:
+        checks.listing(status=status, queue=queue, parent=parent, limit=limit)
+    except UserError as exc:
+        fail(str(exc))
     try:
         docs = quickread.list_executions(
             ctx.obj.get("db"), status=status, queue=queue, parent=parent, limit=limit
@@ -523,6 +578,12 @@ def show(ctx, execution_id, context_only, step, as_json):
 
     if step is not None and not context_only:
         fail("--step goes with --context (the context at that step)")
+    from . import checks
+
+    try:
+        checks.execution_id(execution_id)
+    except UserError as exc:
+        fail(str(exc))
     try:
         if context_only:
             raise quickread.NotHere
@@ -791,18 +852,14 @@ def read_signal_data(data_json: str | None, data_file: str | None) -> Any:
         path = Path(data_file)
         if not path.is_file():
             raise UserError(f"data file not found: {path}")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        text, where = read_text_file(path), str(path)
     elif data_json is not None:
         text, where = data_json, "--data"
     else:
         return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{where} is not valid JSON ({exc.msg} at column {exc.colno}); "
-            "give a value such as '{\"ok\": true}'"
-        ) from None
+    from . import checks
+
+    return checks.parse_json(text, where, '{"ok": true}')
 
 
 @cli.command(name="signal")
@@ -817,9 +874,11 @@ def signal_(ctx, channel, data_json, data_file, as_json):
     settings = settings_from(ctx)
 
     async def body() -> None:
+        from . import checks
+
         data = read_signal_data(data_json, data_file)
-        if not channel.strip():
-            raise UserError("a signal needs a channel name, such as 'approval/job-1'")
+        checks.channel(channel)  # before the store opens: a bad signal creates nothing
+        checks.signal_data(data, settings.max_signal_bytes)
         async with _orch(settings) as orch:
             sent = await orch.signal(channel, data)
         if as_json:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from . import timers
+from . import checks, timers
 from .clock import utcnow
 from .errors import ExecutionNotFound, StoreUnavailable, UserError, WaitTimeout
 from .settings import Settings
@@ -65,9 +66,14 @@ class Client:
         from .machine_config import MachineConfig, load_machine_file
 
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
-        await self.store.put_config(
-            config.hash, config.name, config.raw, ",".join(sorted(config.hook_names))
-        )
+        needs = ",".join(sorted(config.hook_names))
+        checks.bounded_text(config.name, "the machine's name (data.name)", checks.NAME_LENGTH)
+        if len(needs) > checks.NEEDS_LENGTH:
+            raise UserError(
+                f"the machine names hooks of {len(needs)} characters in all; the most is "
+                f"{checks.NEEDS_LENGTH}: use shorter hooks names"
+            )
+        await self.store.put_config(config.hash, config.name, config.raw, needs)
         return config
 
     async def submit(
@@ -83,10 +89,12 @@ class Client:
         backoff: float = 1.0,
     ) -> Submitted:
         """Enqueue one execution. The same ``id`` again returns the existing one."""
+        if id is not None:
+            checks.execution_id(id, "--id")
         [submitted] = await self.submit_many(
             machine,
-            [input or {}],
-            ids=[id] if id else None,
+            [{} if input is None else input],
+            ids=[id] if id is not None else None,
             queue=queue,
             priority=priority,
             delay=delay,
@@ -95,63 +103,99 @@ class Client:
         )
         return submitted
 
+    def check_input(self, item: Any, what: str) -> dict[str, Any]:
+        """One input, as a submit takes it (the CLI checks a file's lines with it)."""
+        return checks.execution_input(item, what, self.store.settings.max_input_bytes)
+
     async def submit_many(
         self,
         machine: str | Path | MachineConfig,
         inputs: Sequence[dict[str, Any]],
         *,
         ids: Sequence[str] | None = None,
+        progress=None,
+        **options: Any,
+    ) -> list[Submitted]:
+        """Enqueue one execution per input. All of them are checked before
+        anything is written."""
+        inputs = list(inputs)
+        if ids is not None:
+            ids = list(ids)
+            if len(ids) != len(inputs):
+                raise UserError("ids and inputs differ in length")
+        for i, item in enumerate(inputs):
+            self.check_input(item, f"input #{i + 1}")
+            if ids is not None:
+                checks.execution_id(ids[i])
+        out: list[Submitted] = []
+        async for batch in self.submit_batches(machine, inputs, ids=ids, **options):
+            out.extend(batch)
+            if progress is not None:
+                progress(len(batch))
+        return out
+
+    async def submit_batches(
+        self,
+        machine: str | Path | MachineConfig,
+        inputs: Iterable[dict[str, Any]],
+        *,
+        ids: Iterable[str] | None = None,
         queue: str = "default",
         priority: int = 0,
         delay: float | None = None,
         max_attempts: int = 1,
         backoff: float = 1.0,
-        progress=None,
-    ) -> list[Submitted]:
-        for i, item in enumerate(inputs):
-            if not isinstance(item, dict):
-                raise UserError(f"input #{i + 1} is not a JSON object")
-        if ids is not None and len(ids) != len(inputs):
-            raise ValueError("ids and inputs differ in length")
-        if not queue:
-            raise UserError("--queue must not be empty")
-        if max_attempts < 1:
-            raise UserError("--max-attempts must be at least 1")
-        if backoff <= 0:
-            raise UserError("--backoff must be more than 0 seconds")
+    ) -> AsyncIterator[list[Submitted]]:
+        """Enqueue one execution per input, ``SUBMIT_BATCH`` at a time, taking
+        ``inputs`` (and ``ids``) lazily: a stream of any length costs one
+        batch of memory. Each batch is checked before it is written; a caller
+        that wants nothing written for a bad item checks them all first."""
+        checks.submit_options(queue, priority, delay, max_attempts, backoff)
         config = await self.pin(machine)
         not_before = utcnow() + timedelta(seconds=delay) if delay else None
-        rows = [
-            NewExecution(
-                id=ids[i] if ids else uuid.uuid4().hex,
-                machine=config.name,
-                config_hash=config.hash,
-                input=item,
-                queue=queue,
-                priority=priority,
-                not_before=not_before,
-                max_attempts=max_attempts,
-                retry_backoff=backoff,
-            )
-            for i, item in enumerate(inputs)
-        ]
-        out: list[Submitted] = []
-        for start in range(0, len(rows), SUBMIT_BATCH):
-            batch = rows[start : start + SUBMIT_BATCH]
-            out.extend(Submitted(ex, created) for ex, created in await self.store.submit(batch))
-            if progress is not None:
-                progress(len(batch))
-        return out
+        id_of = iter(ids) if ids is not None else None
+        items = iter(inputs)
+        n = 0
+        while True:
+            rows = []
+            for item in itertools.islice(items, SUBMIT_BATCH):
+                n += 1
+                self.check_input(item, f"input #{n}")
+                if id_of is None:
+                    new_id = uuid.uuid4().hex
+                else:
+                    new_id = next(id_of, None)
+                    if new_id is None:
+                        raise UserError("ids and inputs differ in length")
+                    checks.execution_id(new_id)
+                rows.append(
+                    NewExecution(
+                        id=new_id,
+                        machine=config.name,
+                        config_hash=config.hash,
+                        input=item,
+                        queue=queue,
+                        priority=priority,
+                        not_before=not_before,
+                        max_attempts=max_attempts,
+                        retry_backoff=backoff,
+                    )
+                )
+            if not rows:
+                return
+            yield [Submitted(ex, created) for ex, created in await self.store.submit(rows)]
 
     # ------------------------------------------------------------- read
 
     async def get(self, execution_id: str) -> Execution:
+        checks.execution_id(execution_id)
         ex = await self.store.get(execution_id)
         if ex is None:
             raise ExecutionNotFound(execution_id)
         return ex
 
     async def history(self, execution_id: str) -> list[CheckpointRecord]:
+        checks.execution_id(execution_id)
         return await self.store.history(execution_id)
 
     async def list(
@@ -162,6 +206,7 @@ class Client:
         limit: int = 50,
         parent: str | None = None,
     ) -> list[Execution]:
+        checks.listing(status=status, queue=queue, parent=parent, limit=limit)
         return await self.store.list_executions(
             status=status, queue=queue, limit=limit, parent=parent
         )
@@ -170,6 +215,9 @@ class Client:
         """Until the execution is final (completed, failed or cancelled): through
         waits on signals and timers, as a Temporal or DBOS result does.
         WaitTimeout after ``timeout``."""
+        checks.execution_id(execution_id)
+        if timeout is not None:
+            checks.seconds(timeout, "--timeout")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout if timeout is not None else None
         pause = 0.05
@@ -201,6 +249,8 @@ class Client:
 
     async def cancel(self, execution_id: str, reason: str | None = None) -> Execution:
         """Cancel an unfinished execution (UserError if it finished already)."""
+        checks.execution_id(execution_id)
+        checks.optional_text(reason, "--reason")
         return await self.store.cancel(execution_id, reason)
 
     # ---------------------------------------------------------- signals
@@ -209,8 +259,8 @@ class Client:
         """Send a durable signal: the execution waiting longest on ``channel``
         takes it and becomes runnable in the same transaction; with nobody
         waiting it is kept until someone does. One signal, one consumer."""
-        if not channel or not channel.strip():
-            raise UserError("a signal needs a channel name, such as 'approval/job-1'")
+        checks.channel(channel)
+        checks.signal_data(data, self.store.settings.max_signal_bytes)
         if timers.is_timer(channel):
             raise UserError(
                 f"'{channel}' is a timer channel (sleep:/until:): it fires by itself; "
@@ -221,6 +271,8 @@ class Client:
 
     async def signals(self, channel: str | None = None) -> list[SignalRecord]:
         """Signals not yet consumed, oldest first."""
+        if channel is not None:
+            checks.channel(channel)
         return await self.store.pending_signals(channel)
 
     async def retry(
@@ -230,6 +282,7 @@ class Client:
         ``machine``, on that (fixed) config, pinned for it from now on. The
         checkpoint's state must exist in it."""
         ex = await self.get(execution_id)
+        checks.machine(machine, optional=True)
         config = None
         if machine is not None:
             if ex.status not in ("failed", "cancelled"):
@@ -254,9 +307,15 @@ class Client:
         """A new execution from ``execution_id``'s committed state at ``from_step``
         (context patched), on the same pinned config or ``machine``. With the
         context unchanged it runs only the states after that step."""
+        checks.integer(from_step, "--from-step", low=0)
+        if id is not None:
+            checks.execution_id(id, "--id")
+        if queue is not None:
+            checks.queue_name(queue)
+        if context_patch is not None:
+            checks.json_object(context_patch, "--context-patch")
+        checks.machine(machine, optional=True)
         await self.get(execution_id)
-        if queue is not None and not queue:
-            raise UserError("--queue must not be empty")
         config = None
         if machine is not None:
             at = await self.store.checkpoint_at(execution_id, from_step)
@@ -265,6 +324,7 @@ class Client:
             else:  # the store names the steps there are
                 config = await self._repin(machine, execution_id, None, None)
         new_id = id or f"{execution_id}-fork-{uuid.uuid4().hex[:8]}"
+        checks.execution_id(new_id, "the fork's id (ID-fork-XXXXXXXX: pass a shorter --id)")
         return await self.store.fork(
             execution_id,
             step=from_step,
@@ -295,6 +355,8 @@ class Client:
 
     async def context(self, execution_id: str, step: int | None = None) -> tuple[Any, Any]:
         """(checkpoint, its context) at the latest checkpoint, or at ``step``."""
+        if step is not None:
+            checks.integer(step, "--step")
         await self.get(execution_id)
         at = await self.store.checkpoint_at(execution_id, step)
         if at is None:
@@ -314,6 +376,11 @@ class Client:
         per_worker: int | None = None,
         create: bool = False,
     ) -> None:
+        checks.queue_name(queue, "the queue")
+        checks.integer(min_workers, "--min")
+        checks.integer(max_workers, "--max")
+        if per_worker is not None:
+            checks.integer(per_worker, "--per-worker")
         if min_workers < 0 or max_workers < 0:
             raise UserError("--min and --max must not be negative")
         if min_workers > max_workers:
@@ -343,11 +410,16 @@ class Client:
         from .cron import next_fire, trigger
         from .overlap import POLICIES
 
+        checks.bounded_text(cron, "--cron", checks.CRON_LENGTH)
         trigger(cron)  # validate before anything is written
-        if not name or "@" in name:
+        checks.bounded_text(name, "a schedule name", checks.SCHEDULE_NAME_LENGTH)
+        if "@" in name:
             raise UserError("a schedule name must be non-empty and must not contain '@'")
         if overlap not in POLICIES:
             raise UserError(f"--overlap must be one of {', '.join(POLICIES)} (got {overlap!r})")
+        checks.queue_name(queue)
+        checks.machine(machine)
+        data = self.check_input({} if input is None else input, "--input")
         from .machine_config import MachineConfig, load_machine_file
 
         config = machine if isinstance(machine, MachineConfig) else load_machine_file(machine)
@@ -358,7 +430,7 @@ class Client:
             machine=config.name,
             config_hash=config.hash,
             cron=cron,
-            input=input or {},
+            input=data,
             queue=queue,
             next_fire_at=first,
             overlap=overlap,

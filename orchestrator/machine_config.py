@@ -24,7 +24,7 @@ from flatmachines.persistence import config_hash
 from flatmachines.utils import check_spec_version
 from flatmachines.validation import validate_flatmachine_config
 
-from . import timers
+from . import safeyaml, timers
 from .app import LazyAgentRegistry
 from .errors import UserError
 from .routing import hook_names
@@ -145,11 +145,13 @@ def _check_structure(config: Any, where: str) -> None:
                 raise UserError(f"{where}: field 'data.states.{name}.wait_for': {exc}") from None
             timeout = state.get("timeout")
             if timeout is not None and not (
-                isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0
+                isinstance(timeout, int | float)
+                and not isinstance(timeout, bool)
+                and 0 < timeout <= timers.MAX_SECONDS  # finite: a deadline a datetime holds
             ):
                 raise UserError(
                     f"{where}: field 'data.states.{name}.timeout' must be a number of seconds "
-                    f"above 0 (the wait's deadline), not {timeout!r}"
+                    f"above 0 and at most 100 years (the wait's deadline), not {timeout!r}"
                 )
         on_error = state.get("on_error")
         targets = on_error.values() if isinstance(on_error, dict) else [on_error]
@@ -262,7 +264,9 @@ def load_machine_file(
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read machine file {p}: {exc}") from None
     try:
-        config = _load_yaml(text)
+        config = safeyaml.load(text)
+    except safeyaml.YAMLTooBig as exc:
+        raise UserError(f"{p}: refused: the YAML {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

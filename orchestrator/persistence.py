@@ -19,7 +19,8 @@ from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
 from flatmachines.persistence import config_hash
 from flatmachines.signals import Signal
 
-from . import timers
+from . import checks, timers
+from .checks import context_within_limit
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
 from .store import CheckpointRow, Claim, Store
@@ -122,6 +123,9 @@ class FencedPersistence(PersistenceBackend):
         library's ``latest`` pointer that follows it is then a no-op."""
         if self.broken is not None:
             raise self.broken
+        limit = self.store.settings.max_context_bytes
+        if len(row.snapshot) > limit:  # the context is inside it: only then measure it
+            context_within_limit(json.loads(row.snapshot).get("context"), limit)
         execution_id, event = row.execution_id, row.event
         self._last_saved[execution_id] = row.key
         if execution_id == self.owner_id:
@@ -312,6 +316,7 @@ class StoreSignals:
         self.persistence = persistence
 
     async def consume(self, channel: str) -> Signal | None:
+        checks.channel(channel)  # a rendered channel the store cannot hold is the state's error
         ex = self.claim.execution
         now = utcnow()
         # the wake-up time of the wait this run resumes, if it parked on this channel
@@ -339,6 +344,8 @@ class StoreSignals:
         return None
 
     async def send(self, channel: str, data: Any) -> str:
+        checks.channel(channel)
+        checks.signal_data(data, self.store.settings.max_signal_bytes)
         signal_id, _ = await self.store.send_signal(channel, data)
         return str(signal_id)
 

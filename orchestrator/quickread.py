@@ -73,6 +73,9 @@ CHECKED_SETTINGS = frozenset(
         "sqlite_synchronous",
         "sqlite_busy_timeout_ms",
         "store_patience",
+        "max_input_bytes",
+        "max_signal_bytes",
+        "max_context_bytes",
     }
 )
 _CHECKED_ENV = frozenset(f"ORCH_{name.upper()}" for name in CHECKED_SETTINGS)

@@ -30,3 +30,10 @@ class Settings(BaseSettings):
     # A worker then abandons the run, writing nothing more, and resumes it from
     # its last committed checkpoint once the store answers.
     store_patience: float = Field(30.0, ge=0)
+    # Sizes as compact JSON. Past them a submit, a signal or a fork is refused
+    # (exit 2), and a run whose context grows past its limit fails, naming it.
+    max_input_bytes: int = Field(8 * 2**20, gt=0, description="bytes of one execution's input")
+    max_signal_bytes: int = Field(8 * 2**20, gt=0, description="bytes of one signal's data")
+    max_context_bytes: int = Field(
+        64 * 2**20, gt=0, description="bytes of an execution's context at a checkpoint"
+    )

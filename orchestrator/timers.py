@@ -15,6 +15,7 @@ deadline (the output is ``{"timed_out": true}``). The execution waits as
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 SLEEP, UNTIL = "sleep:", "until:"
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+# No wait is longer: past it a wake-up time no longer fits a datetime.
+MAX_SECONDS = 100 * 366 * 86400
 
 
 def is_timer(channel: str) -> bool:
@@ -41,8 +44,17 @@ def parse_duration(text: str) -> float:
                 "2h, 1d, 1h30m"
             ) from None
         seconds = sum(float(n) * _UNIT[u] for n, u in parts)
+    return check_seconds(seconds, f"'{text}'")
+
+
+def check_seconds(seconds: float, what: str) -> float:
+    """A wait's length: finite, not negative, at most ``MAX_SECONDS`` (100 years)."""
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} is not a finite number of seconds")
     if seconds < 0:
-        raise ValueError(f"'{text}' is a negative duration")
+        raise ValueError(f"{what} is a negative duration")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{what} is longer than 100 years ({MAX_SECONDS} seconds)")
     return seconds
 
 
@@ -74,7 +86,7 @@ def wake_at(channel: str, timeout: Any, now: datetime) -> datetime | None:
         return wake_time(channel, now)
     if timeout is None:
         return None
-    return now + timedelta(seconds=float(timeout))
+    return now + timedelta(seconds=check_seconds(float(timeout), "the wait's timeout"))
 
 
 def due(at: datetime | None, now: datetime) -> bool:

@@ -42,7 +42,7 @@ import machines
 from . import stopsignal
 from .app import registered_names
 from .clock import renew_interval
-from .errors import StoreUnavailable
+from .errors import LeaseLost, StoreUnavailable
 from .offloop import HookCalls, track_hook_calls
 from .runner import Outcome, Runner
 from .settings import Settings
@@ -488,6 +488,9 @@ class Worker:
         interrupted = False
         hook_calls = track_hook_calls()
         try:
+            if (defect := claim.execution.defect()) is not None:
+                await self._fail_unusable(claim, defect)
+                return
             outcome: Outcome = await self.runner.run(claim)
             if outcome.status == "completed":
                 self.completed += 1
@@ -544,6 +547,18 @@ class Worker:
             log.info("released %s back to queue '%s'", ex_id, claim.execution.queue)
         except StoreUnavailable:
             log.info("could not release %s: the store is away; its lease expires", ex_id)
+
+    async def _fail_unusable(self, claim: Claim, defect: str) -> None:
+        """A row this worker cannot run (written around the API): it ends failed,
+        saying why, and the worker goes on with the next."""
+        ex_id = claim.execution.id
+        error = f"execution {ex_id} cannot run: {defect}; correct the row, then `orch retry`"
+        log.warning("failed %s: %s", ex_id, defect)
+        try:
+            await self.store.finish(claim, status="failed", error=error)
+        except LeaseLost:
+            return
+        self.failed += 1
 
     def _abandon(self, lost: dict[str, int]) -> None:
         """Stop runs whose claim (id: fence) moved on: taken over, or cancelled.

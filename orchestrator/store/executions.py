@@ -175,14 +175,21 @@ def _lite_rows(text: str) -> list[Execution]:
     for raw in json.loads(text):
         for name, convert in _LITE_CONVERT.items():
             if convert is not None and raw[name] is not None:
-                raw[name] = convert(raw[name])
+                try:
+                    raw[name] = convert(raw[name])
+                except ValueError:
+                    pass  # a row written by hand: Execution.defect says so, the run fails
         out.append(Execution.from_row(raw))
     return out
 
 
 def _best_first(row: Any) -> tuple:
-    """The claim's order: highest priority, then oldest."""
-    return (-row.priority, row.created_at)
+    """The claim's order: highest priority, then oldest (a row of the wrong
+    types, written by hand, last: it is failed, not compared)."""
+    usable = isinstance(row.priority, int) and isinstance(row.created_at, datetime)
+    if not usable:
+        return (1, 0, datetime.max)
+    return (0, -row.priority, row.created_at)
 
 
 def ensure_queues(conn: sa.Connection, db: Database, names: Iterable[str], now: Any) -> None:

@@ -140,6 +140,10 @@ class Lineage:
                 parent_execution_id=None,
             )
             snapshot["context"] = {**(snapshot.get("context") or {}), **(context_patch or {})}
+            if context_patch:
+                from ..checks import context_within_limit  # checks reads the schema: not above
+
+                context_within_limit(snapshot["context"], self.db.settings.max_context_bytes)
             fork, created = insert_new(
                 conn,
                 self.db,

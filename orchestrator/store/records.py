@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -52,6 +53,30 @@ class Execution:
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
+
+    def defect(self) -> str | None:
+        """What makes this row impossible to run (it was written around the
+        API, by hand say), or None: the worker fails it instead of crashing."""
+        if not isinstance(self.input, dict):
+            return "its input is not a JSON object"
+        for name in _WHOLE_NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"its {name} is not a whole number"
+        for name in ("retry_backoff", "retry_backoff_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"its {name} is not a number"
+            if not math.isfinite(value) or value <= 0:
+                return f"its {name} is not a positive number of seconds"
+        if not isinstance(self.config_hash, str) or not self.config_hash:
+            return "it names no config"
+        if not isinstance(self.created_at, datetime):
+            return "its created_at is not a time"
+        return None
+
+
+_WHOLE_NUMBERS = ("priority", "attempt", "max_attempts", "recoveries", "step", "fence")
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,8 @@ class EffectsHooks(MachineHooks):
                 await asyncio.sleep(0.02)
         elif action_name == "fail":
             raise RuntimeError("the workflow failed on purpose")
+        elif action_name == "grow":  # a context of about input.grow bytes
+            context["blob"] = "x" * int(context.get("grow") or 0)
         elif action_name == "probe":  # the worker process's settings, for a test
             import gc
             import sys

@@ -63,6 +63,8 @@ def parse_json(text: str, what: str, *, object_only: bool = False) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deep") from None
     if object_only and not isinstance(value, dict):
         raise ValueError(f'{what} must be a JSON object such as {{"key": 1}}')
     return value
