@@ -183,7 +183,7 @@ def _referenced(base: Path, ref: str, what: str, *, allow_outside: bool) -> Path
 def _load_referenced(path: Path, what: str) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
-        return json.loads(text) if path.suffix == ".json" else _load_yaml(text)
+        return json.loads(text) if path.suffix == ".json" else safeyaml.load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):
         raise UserError(f"{what} {path} cannot be read as YAML or JSON") from None
 
