@@ -64,6 +64,18 @@ class _AnyHooks(HooksRegistry):
         return MachineHooks()
 
 
+def check_envelope(machine: FlatMachine) -> None:
+    """The library's ``_validate_spec`` without its schema pass: a config's
+    schema is checked once, at submit, not each time a machine is built."""
+    if machine.config.get("spec") != "flatmachine":
+        raise ValueError(
+            f"Invalid spec: expected 'flatmachine', got '{machine.config.get('spec')}'"
+        )
+    if "data" not in machine.config:
+        raise ValueError("Config missing 'data' section")
+    machine.spec_version = check_spec_version(machine.config.get("spec_version"), __version__)
+
+
 class _CheckedMachine(FlatMachine):
     """The library's machine, built once at submit to check a config that
     ``_check_structure`` has just validated: no second schema pass, and its
@@ -73,14 +85,7 @@ class _CheckedMachine(FlatMachine):
         return _dump_yaml(self.config) if self.config else None
 
     def _validate_spec(self) -> None:
-        # the library's envelope checks, without its schema pass
-        if self.config.get("spec") != "flatmachine":
-            raise ValueError(
-                f"Invalid spec: expected 'flatmachine', got '{self.config.get('spec')}'"
-            )
-        if "data" not in self.config:
-            raise ValueError("Config missing 'data' section")
-        self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+        check_envelope(self)  # our own check did the schema pass
 
 
 # The checkpoints resume stands on: a state's state_exit is its durability

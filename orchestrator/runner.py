@@ -40,10 +40,9 @@ from json.encoder import encode_basestring_ascii
 from types import MappingProxyType
 from typing import Any
 
-from flatmachines import FlatMachine, HooksRegistry, __version__
+from flatmachines import FlatMachine, HooksRegistry
 from flatmachines.persistence import MachineSnapshot
 from flatmachines.persistence import config_hash as hash_of_config
-from flatmachines.utils import check_spec_version
 from jinja2.exceptions import SecurityError
 
 from . import timers
@@ -51,7 +50,7 @@ from .app import LazyAgentRegistry, registered_names
 from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
-from .machine_config import ConfigCache, hook_names
+from .machine_config import ConfigCache, check_envelope, hook_names
 from .offloop import HookThreads, off_loop, passes_through
 from .persistence import (
     DEFAULT_LINGER,
@@ -224,14 +223,7 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         return self._pinned_raw
 
     def _validate_spec(self) -> None:
-        # the library's envelope checks, without the schema pass done at submit
-        if self.config.get("spec") != "flatmachine":
-            raise ValueError(
-                f"Invalid spec: expected 'flatmachine', got '{self.config.get('spec')}'"
-            )
-        if "data" not in self.config:
-            raise ValueError("Config missing 'data' section")
-        self.spec_version = check_spec_version(self.config.get("spec_version"), __version__)
+        check_envelope(self)  # the schema pass was done at submit
 
     async def _save_checkpoint(
         self,
