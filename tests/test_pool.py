@@ -153,13 +153,13 @@ def scale_downs(store) -> list[dict]:
 def test_up_with_min_0_lets_a_long_state_finish_and_drains_its_worker_after(
     db_url, store, tmp_path, procs
 ):
-    """A 15 s state, many times the scaler's cadence (1 s) and cool-down (5 s), on a
+    """A 20 s state, many times the scaler's cadence (1 s) and cool-down (5 s), on a
     pool that may shrink to nothing: what runs counts toward desired, so its worker
     is not drained while busy, and the execution completes on its first claim with
     no release. Then the idle worker is drained, and exits."""
     effects = tmp_path / "effects.log"
     machine = chain_machine(tmp_path / "long.yml", ["slow_add"])
-    [ex_id] = submit(db_url, machine, [{"sleep": 15}])
+    [ex_id] = submit(db_url, machine, [{"sleep": 20}])
     up = procs(
         db_url, "up", "--app", "testapp", "--min", "0", "--max", "2", ORCH_TEST_EFFECTS=str(effects)
     )
