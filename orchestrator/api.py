@@ -21,14 +21,16 @@ import contextlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-from . import checks, schemas
+from . import checks, schemas, timers
 from .client import Client
+from .clock import iso
 from .errors import OrchError, StoreUnavailable, UserError, WaitTimeout
 from .routing import missing_hooks
 from .settings import Settings
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 
     from .machine_config import MachineConfig
     from .worker import Worker
+
+# how long `orch prune` keeps a finished execution unless told otherwise
+DEFAULT_RETENTION = 30 * 86400.0
 
 T = TypeVar("T")
 Machine = "str | Path | dict[str, Any] | MachineConfig"
@@ -336,6 +341,39 @@ class Orchestrator:
     async def workers(self, *, include_stopped: bool = False) -> list[schemas.Worker]:
         rows = await self.store.list_workers(include_stopped=include_stopped)
         return [schemas.Worker.of(w) for w in rows]
+
+    async def prune(
+        self,
+        *,
+        older_than: float = DEFAULT_RETENTION,
+        statuses: Sequence[str] | None = None,
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Remove finished executions (completed, failed, cancelled, or those of
+        ``statuses``) that finished over ``older_than`` seconds ago, with their
+        checkpoints and signals; ``dry_run`` counts them only. Unfinished
+        executions, and finished children of an unfinished root, stay."""
+        from .clock import utcnow
+        from .store.models import FINAL_STATUSES
+
+        older_than = timers.check_seconds(float(older_than), "older_than")
+        chosen = tuple(statuses) if statuses else tuple(FINAL_STATUSES)
+        bad = sorted(set(chosen) - set(FINAL_STATUSES))
+        if bad:
+            raise UserError(
+                f"--status {bad[0]!r} is not a finished status; prune takes "
+                f"{', '.join(sorted(FINAL_STATUSES))}"
+            )
+        before = utcnow() - timedelta(seconds=older_than)
+        done = await self.store.prune(before=before, statuses=chosen, dry_run=dry_run)
+        return {
+            "dry_run": dry_run,
+            "finished_before": iso(before),
+            "statuses": sorted(chosen),
+            "executions": done.executions,
+            "checkpoints": done.checkpoints,
+            "signals": done.signals,
+        }
 
     async def queues(self) -> list[schemas.QueueStats]:
         """Per queue: executions per status, workers, pool policy, latest scaling."""

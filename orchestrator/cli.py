@@ -920,6 +920,50 @@ def signals(ctx, channel, as_json):
 
 
 @cli.command()
+@click.option(
+    "--older-than",
+    default="30d",
+    show_default=True,
+    help="Only executions that finished this long ago (90s, 15m, 2h, 30d).",
+)
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["completed", "failed", "cancelled"]),
+    help="Only these finished statuses (repeatable; default all three).",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would go; remove nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def prune(ctx, older_than, statuses, dry_run, as_json):
+    """Remove finished executions with their checkpoints and signals (retention).
+
+    Unfinished executions, and finished children of an unfinished root, stay."""
+    from . import timers
+
+    try:
+        seconds = timers.parse_duration(older_than)
+    except ValueError as exc:
+        raise click.UsageError(f"--older-than: {exc}") from None
+    settings = settings_from(ctx)
+
+    async def body() -> None:
+        async with _orch(settings) as orch:
+            done = await orch.prune(older_than=seconds, statuses=statuses, dry_run=dry_run)
+        if as_json:
+            emit_json(done)
+            return
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{verb} {done['executions']} execution(s) finished before {done['finished_before']} "
+            f"({done['checkpoints']} checkpoints, {done['signals']} signals)"
+        )
+
+    run(body)
+
+
+@cli.command()
 @click.argument("queue")
 @click.option("--min", "min_workers", type=int, required=True)
 @click.option("--max", "max_workers", type=int, required=True)

@@ -12,6 +12,7 @@ run a transaction):
     signals.py      durable signals: send, take, consume
     lineage.py      children, the groups their parents wait on, forks (groups.py)
     work.py         flatmachines work pools
+    retention.py    finished executions removed, with everything of theirs
 
 The imports form a tree: store → aggregates → (checkpoints ←) executions → db →
 engine / dialect → models. ``Store`` keeps the callers' flat API: each verb is
@@ -33,6 +34,7 @@ from .db import Database
 from .executions import Executions
 from .lineage import Lineage
 from .queues import Queues
+from .retention import Retention
 from .signals import Signals
 from .work import WorkPools
 from .workers import Workers
@@ -67,6 +69,7 @@ class Store:
         self.signals = Signals(self.db)
         self.lineage = Lineage(self.db)
         self.work = WorkPools(self.db)
+        self.retention = Retention(self.db)
 
     @property
     def url(self) -> sa.URL:
@@ -147,6 +150,8 @@ class Store:
     cancel = _Verb("executions")
     retry = _Verb("executions")
     requeue_expired = _Verb("executions")
+
+    prune = _Verb("retention")
 
     save_checkpoint = _Verb("checkpoints")
     save_checkpoints = _Verb("checkpoints")

@@ -1,0 +1,120 @@
+"""Retention: finished executions go, with everything of theirs.
+
+An execution is removed whole or not at all: its row, its checkpoints and the
+signals it was given go in one transaction, so a prune stopped halfway (killed,
+the database gone) leaves no execution without its history or history without
+its execution. Batches are small, so no transaction holds the write lock long
+beside running workers.
+
+Never removed: an unfinished execution, and a finished child whose root is
+unfinished (its parent may still read its result). The delete names its own
+condition again, so an execution retried (queued again) after it was chosen
+stays. An id submitted again after its prune is a new execution: nothing of
+the old one is left to be returned. Configs are kept by hash for whoever
+submits them again and are not removed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from .db import Database
+from .models import FINAL_STATUSES, checkpoints, executions, signals
+
+BATCH = 200  # executions a transaction removes
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    executions: int = 0
+    checkpoints: int = 0
+    signals: int = 0
+
+
+def _prunable(before: datetime, statuses: Sequence[str]) -> sa.ColumnElement[bool]:
+    root = executions.alias("root")
+    root_unfinished = (
+        sa.select(root.c.id)
+        .where(root.c.id == executions.c.root_id, root.c.status.not_in(FINAL_STATUSES))
+        .exists()
+    )
+    return sa.and_(
+        executions.c.status.in_(statuses),
+        executions.c.finished_at.is_not(None),
+        executions.c.finished_at < before,
+        ~root_unfinished,
+    )
+
+
+class Retention:
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def prune(
+        self,
+        *,
+        before: datetime,
+        statuses: Sequence[str] = tuple(FINAL_STATUSES),
+        dry_run: bool = False,
+        limit: int | None = None,
+    ) -> Pruned:
+        """Remove finished executions (of ``statuses``) that finished before
+        ``before``, at most ``limit`` of them; ``dry_run`` counts them only."""
+        bad = set(statuses) - set(FINAL_STATUSES)
+        if bad:
+            raise ValueError(f"not a finished status: {sorted(bad)}")
+        condition = _prunable(before, statuses)
+        if dry_run:
+            return await self.db.read(lambda conn: self._count(conn, condition, limit))
+        total = Pruned()
+        while limit is None or total.executions < limit:
+            size = BATCH if limit is None else min(BATCH, limit - total.executions)
+            done = await self.db.write(lambda conn, n=size: self._batch(conn, condition, n))
+            total = Pruned(*(a + b for a, b in zip(_fields(total), _fields(done), strict=True)))
+            if done.executions < size:
+                break
+        return total
+
+    @staticmethod
+    def _count(conn: sa.Connection, condition: sa.ColumnElement[bool], limit: int | None) -> Pruned:
+        chosen = sa.select(executions.c.id).where(condition).limit(limit).subquery()
+        ids = sa.select(chosen.c.id)
+        return Pruned(
+            executions=conn.scalar(sa.select(sa.func.count()).select_from(chosen)) or 0,
+            checkpoints=conn.scalar(
+                sa.select(sa.func.count()).where(checkpoints.c.execution_id.in_(ids))
+            )
+            or 0,
+            signals=conn.scalar(sa.select(sa.func.count()).where(signals.c.assigned_to.in_(ids)))
+            or 0,
+        )
+
+    @staticmethod
+    def _batch(conn: sa.Connection, condition: sa.ColumnElement[bool], size: int) -> Pruned:
+        chosen = [
+            r[0] for r in conn.execute(sa.select(executions.c.id).where(condition).limit(size))
+        ]
+        if not chosen:
+            return Pruned()
+        # the condition again: a row retried since it was read is not removed
+        gone = [
+            r[0]
+            for r in conn.execute(
+                sa.delete(executions)
+                .where(executions.c.id.in_(chosen), condition)
+                .returning(executions.c.id)
+            )
+        ]
+        if not gone:
+            return Pruned()
+        cps = conn.execute(sa.delete(checkpoints).where(checkpoints.c.execution_id.in_(gone)))
+        sig = conn.execute(sa.delete(signals).where(signals.c.assigned_to.in_(gone)))
+        return Pruned(len(gone), cps.rowcount or 0, sig.rowcount or 0)
+
+
+def _fields(p: Pruned) -> tuple[int, int, int]:
+    return (p.executions, p.checkpoints, p.signals)
