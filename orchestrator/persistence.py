@@ -20,10 +20,10 @@ from flatmachines.persistence import config_hash
 from flatmachines.signals import Signal
 
 from . import checks, timers
-from .checks import context_within_limit
+from .checks import context_within_limit, json_size
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
-from .store import CheckpointRow, Claim, Store
+from .store import CheckpointRow, Claim, Store, snapshots
 from .store.records import WaitEnd
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,25 @@ PROGRESS_EVENTS = frozenset({"machine_start", "state_enter", "execute"})
 # A state that takes longer has its markers written on their own (without
 # waiting for the disk), so the timeline shows what is running now.
 DEFAULT_LINGER = 0.2
+
+# the snapshot fields a save compares when its context is known unchanged
+_HEADER_ONLY = (
+    "execution_id",
+    "machine_name",
+    "spec_version",
+    "current_state",
+    "step",
+    "created_at",
+    "event",
+    "output",
+    "total_api_calls",
+    "total_cost",
+    "parent_execution_id",
+    "pending_launches",
+    "waiting_channel",
+    "tool_loop_state",
+    "config_hash",
+)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -75,6 +94,9 @@ class FencedPersistence(PersistenceBackend):
         self.claim = claim
         self.linger = linger
         self._last_saved: dict[str, str] = {}
+        # each execution's last stored row, to store the next as what changed
+        self._chains: dict[str, snapshots.Chain] = {}
+        self._sizes: dict[str, int] = {}  # a running estimate of each context's size
         self._pending: list[CheckpointRow] = []
         self._write_lock = asyncio.Lock()  # keeps row ids in save order
         self._timer: asyncio.TimerHandle | None = None
@@ -105,27 +127,91 @@ class FencedPersistence(PersistenceBackend):
             if snapshot is None:
                 raise ValueError(f"latest pointer names a missing snapshot: {target}")
             value, key = snapshot, target
-        meta = json.loads(value)
+        doc = json.loads(value)
+        if not isinstance(doc, dict):
+            raise ValueError(f"a snapshot is a JSON object, not {type(doc).__name__}: {key}")
+        await self.save_doc(
+            execution_id=execution_id,
+            key=key,
+            step=int(doc.get("step") or 0),
+            event=str(doc.get("event") or "unknown"),
+            state=doc.get("current_state"),
+            at=_taken_at(doc.get("created_at")),
+            doc=doc,
+        )
+
+    async def save_row(self, row: CheckpointRow) -> None:
+        """``save`` of a row whose metadata the caller has in hand; its
+        ``snapshot`` the library's JSON text."""
+        await self.save_doc(
+            execution_id=row.execution_id,
+            key=row.key,
+            step=row.step,
+            event=row.event,
+            state=row.state,
+            at=row.at,
+            doc=json.loads(row.snapshot),
+        )
+
+    async def save_doc(
+        self,
+        *,
+        execution_id: str,
+        key: str,
+        step: int,
+        event: str,
+        state: str | None,
+        at: datetime | None,
+        doc: dict[str, Any],
+        same_context: bool = False,
+    ) -> None:
+        """``save`` of a snapshot as the document it is (the runner's machine
+        hands over its fields, the live context among them, without encoding
+        them): stored as what changed since this execution's last row
+        (store/snapshots.py). ``same_context``: the caller knows the context
+        is the one of the last save, unchanged. The library's ``latest``
+        pointer that follows it is then a no-op."""
+        if self.broken is not None:
+            raise self.broken
+        chain = self._chains.pop(execution_id, None)  # spent if anything below fails
+        only = _HEADER_ONLY if same_context and chain is not None else None
+        stored, chain = snapshots.encode(chain, doc, only=only)
+        self._within_limit(execution_id, chain, stored, doc)
+        self._chains[execution_id] = chain
         row = CheckpointRow(
             execution_id=execution_id,
             key=key,
-            step=int(meta.get("step") or 0),
-            event=str(meta.get("event") or "unknown"),
-            state=meta.get("current_state"),
-            snapshot=bytes(value),
-            at=_taken_at(meta.get("created_at")),
+            step=step,
+            event=event,
+            state=state,
+            snapshot=stored.body,
+            at=at,
+            delta=stored.delta,
+            blobs=stored.blobs,
         )
-        await self.save_row(row)
+        await self._save(row)
 
-    async def save_row(self, row: CheckpointRow) -> None:
-        """``save`` of a snapshot whose metadata the caller has in hand (the
-        runner's machine), without parsing it back out of the JSON. The
-        library's ``latest`` pointer that follows it is then a no-op."""
-        if self.broken is not None:
-            raise self.broken
+    def _within_limit(
+        self, execution_id: str, chain: snapshots.Chain, stored: snapshots.Stored, doc: dict
+    ) -> None:
+        """ORCH_MAX_CONTEXT_BYTES, measured only once a running estimate (what
+        the rows added) passes it."""
         limit = self.store.settings.max_context_bytes
-        if len(row.snapshot) > limit:  # the context is inside it: only then measure it
-            context_within_limit(json.loads(row.snapshot).get("context"), limit)
+        added = stored.raw + sum(b.size for b in stored.blobs)
+        est = added if stored.delta == snapshots.FULL else self._sizes.get(execution_id, 0) + added
+        if stored.delta == snapshots.FULL:
+            est += sum(len(t) for t in chain.hashes)
+        if est > limit:
+            context_within_limit(doc.get("context"), limit)
+            est = json_size(doc.get("context"))
+        self._sizes[execution_id] = est
+
+    def adopt(self, execution_id: str, decoded: snapshots.Decoded) -> None:
+        """The execution's last stored row, read back (a resume): the next
+        row stores what changed since it."""
+        self._chains[execution_id] = snapshots.chain_of(decoded)
+
+    async def _save(self, row: CheckpointRow) -> None:
         execution_id, event = row.execution_id, row.event
         self._last_saved[execution_id] = row.key
         if execution_id == self.owner_id:
@@ -232,6 +318,8 @@ class FencedPersistence(PersistenceBackend):
             except BaseException:
                 if not durable:
                     self._pending[:0] = rows  # not written: keep them for the next commit
+                else:
+                    self._chains.clear()  # not written: the next rows start new chains
                 raise
 
     async def load(self, key: str) -> bytes | None:
@@ -246,9 +334,13 @@ class FencedPersistence(PersistenceBackend):
 
     async def _load(self, key: str) -> bytes | None:
         execution_id, name = split_key(key)
-        for row in reversed(self._pending):  # written to the store, as far as a reader knows
-            if row.execution_id == execution_id and (name == LATEST or row.key == key):
-                return row.key.encode("utf-8") if name == LATEST else row.snapshot
+        mine = [i for i, r in enumerate(self._pending) if r.execution_id == execution_id]
+        for i in reversed(mine):  # written to the store, as far as a reader knows
+            row = self._pending[i]
+            if name == LATEST:
+                return row.key.encode("utf-8")
+            if row.key == key:
+                return await self._pending_snapshot(execution_id, mine[: mine.index(i) + 1])
         if self.resume_snapshot is not None and execution_id == self.owner_id:
             resume_key, resume_bytes = self.resume_snapshot
             if name == LATEST:
@@ -259,6 +351,29 @@ class FencedPersistence(PersistenceBackend):
             latest = await self.store.latest_checkpoint(execution_id)
             return latest[0].encode("utf-8") if latest else None
         return await self.store.load_checkpoint(execution_id, key)
+
+    async def _pending_snapshot(self, execution_id: str, upto: list[int]) -> bytes:
+        """The snapshot of a row not written yet (``upto``: the execution's
+        pending rows through it): the kept copy when it is the last one saved,
+        otherwise its chain read back, from the store as far as it is there."""
+        chain = self._chains.get(execution_id)
+        last = [i for i, r in enumerate(self._pending) if r.execution_id == execution_id][-1]
+        if chain is not None and upto[-1] == last:
+            return json.dumps(snapshots.plain(chain.doc)).encode("utf-8")
+        rows = [self._pending[i] for i in upto]
+        fulls = [k for k, r in enumerate(rows) if r.delta == snapshots.FULL]
+        stored = [r.snapshot for r in rows[fulls[-1] :]] if fulls else None
+        if stored is None:
+            stored = await self.store.chain_rows(execution_id) + [r.snapshot for r in rows]
+        texts = {b.hash: snapshots.blob_text(b.data, b.codec) for r in rows for b in r.blobs}
+
+        def lookup(hashes: set[str]) -> dict[str, str]:
+            return texts
+
+        wanted = snapshots.hashes_of(snapshots.parse(b) for b in stored) - set(texts)
+        if wanted:
+            texts.update(await self.store.blob_texts(wanted))
+        return json.dumps(snapshots.decode(stored, lookup).doc).encode("utf-8")
 
     async def delete(self, key: str) -> None:
         execution_id, name = split_key(key)

@@ -31,12 +31,10 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import traceback
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
-from json.encoder import encode_basestring_ascii
 from types import MappingProxyType
 from typing import Any
 
@@ -61,7 +59,8 @@ from .persistence import (
 )
 from .retry import backoff_delay
 from .sandbox import TEMPLATES, GuardedExpressions, WorkflowRefused, refused
-from .store import CheckpointRow, Claim, Store
+from .store import Claim, Store
+from .store.snapshots import NotJSON
 
 log = logging.getLogger(__name__)
 
@@ -93,46 +92,6 @@ _OWN_ENCODING = _SNAPSHOT_FIELDS == (
 )
 
 
-def _refuse(value: Any) -> Any:
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _snapshot_encoder() -> Any:
-    """``json.dumps`` with its default settings, to the same text, without
-    building its C encoder anew on every call (a quarter of a snapshot's
-    encoding). No circular check: a context that refers to itself recurses
-    and takes the library's path, which fails on it as it always did."""
-    try:
-        from json.encoder import c_make_encoder, encode_basestring_ascii
-    except ImportError:  # pragma: no cover - a Python without the C accelerator
-        return json.dumps
-    if c_make_encoder is None:  # pragma: no cover
-        return json.dumps
-    encoder = c_make_encoder(
-        None, _refuse, encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-    return lambda value: "".join(encoder(value, 0))
-
-
-_encode_snapshot = _snapshot_encoder()
-_quote = encode_basestring_ascii  # a str, as json.dumps writes it
-
-
-def _value(value: Any) -> str:
-    """One JSON value as ``json.dumps`` writes it (a string, None, an int or a
-    finite float without the encoder's call)."""
-    kind = type(value)
-    if kind is str:
-        return _quote(value)
-    if value is None:
-        return "null"
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float and math.isfinite(value):
-        return float.__repr__(value)
-    return _encode_snapshot(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     # completed | failed | retrying | waiting | lost (another worker owns it now)
@@ -160,9 +119,7 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
     ):
         self._pinned_raw = pinned
         self._hook_threads = hook_threads
-        # snapshot text (see _snapshot_text): the run's fixed fields, encoded
-        # once; the last state_enter's text, and the count of hooks called
-        self._fixed_text: tuple | None = None
+        # the last state_enter's step, state, context and count of hooks called
         self._entered: tuple | None = None
         self._hooks_called = 0
         # the state this run would take next (None: none, its machine is done)
@@ -238,12 +195,13 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
         """The library's checkpoint, built and encoded without its deep copy.
 
         The library turns the snapshot into a dict with ``dataclasses.asdict``
-        (a deep copy of the context) and then encodes it, and the persistence
-        parses the bytes back for their metadata: about half of a fast
-        state's cost. Here the snapshot's fields are encoded as they are, in
-        the same order, to the same bytes, and handed over with their
-        metadata. A context that plain JSON cannot encode (a dataclass, a
-        set, ...) takes the library's own path, with its conversions.
+        (a deep copy of the context), encodes it whole, and the persistence
+        parses the bytes back for their metadata. Here the snapshot's fields
+        are handed over as they are, in the library's order, and the
+        persistence stores what changed since the last checkpoint
+        (store/snapshots.py). A context that plain JSON cannot hold (a
+        dataclass, a set, ...) takes the library's own path, with its
+        conversions.
         """
         if event == "machine_start":
             self.due_state = self._initial_state
@@ -265,99 +223,60 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
                 event, state_name, step, context, output, waiting_channel, tool_loop_state
             )
         taken = utcnow()
+        # a state's `execute` snapshot follows its state_enter with nothing run
+        # in between when its on_state_enter is the library's pass-through: the
+        # same context object, unchanged, which is not compared again
+        entered = self._entered
+        same = (
+            event == "execute"
+            and entered is not None
+            and entered == (step, state_name, id(context), self._hooks_called)
+            and not self._pending_launches
+        )
+        self._entered = (
+            (step, state_name, id(context), self._hooks_called)
+            if event == "state_enter" and not self._pending_launches
+            else None
+        )
+        checkpoint_context = dict(context)
+        machine = checkpoint_context.get("machine")
+        if isinstance(machine, MappingProxyType):
+            checkpoint_context["machine"] = dict(machine)
+        doc = {
+            "execution_id": self.execution_id,
+            "machine_name": self.machine_name,
+            "spec_version": self.spec_version,
+            "current_state": state_name,
+            "context": checkpoint_context,
+            "step": step,
+            "created_at": f"{taken.isoformat()}+00:00",
+            "event": event,
+            "output": output,
+            "total_api_calls": self.total_api_calls,
+            "total_cost": self.total_cost,
+            "parent_execution_id": self.parent_execution_id,
+            "pending_launches": self._get_pending_intents() if self._pending_launches else None,
+            "waiting_channel": waiting_channel,
+            "tool_loop_state": tool_loop_state,
+            "config_hash": self._config_hash,
+        }
         try:
-            before, after = self._snapshot_text(
-                event, state_name, step, context, output, waiting_channel, tool_loop_state
-            )
-            text = (
-                f'{before}"created_at": "{taken.isoformat()}+00:00", '
-                f'"event": {_value(event)}{after}'
-            )
-        except (TypeError, ValueError, OverflowError, RecursionError):
-            self._entered = None
-            return await super()._save_checkpoint(
-                event, state_name, step, context, output, waiting_channel, tool_loop_state
-            )
-        if event == "state_enter" and not self._pending_launches:
-            self._entered = (step, state_name, context, self._hooks_called, before, after)
-        await persistence.save_row(
-            CheckpointRow(
+            await persistence.save_doc(
                 execution_id=self.execution_id,
                 key=f"{self.execution_id}/step_{step:06d}_{event}.json",
                 step=step,
                 event=event,
                 state=state_name,
-                snapshot=text.encode("utf-8"),
                 at=taken,
+                doc=doc,
+                same_context=same,
             )
-        )
-
-    def _snapshot_text(
-        self,
-        event: str,
-        state_name: str,
-        step: int,
-        context: dict[str, Any],
-        output: Any,
-        waiting_channel: str | None,
-        tool_loop_state: Any,
-    ) -> tuple[str, str]:
-        """A snapshot's JSON around its two fields that change on every save
-        (``created_at`` and ``event``): the text before them and after them.
-
-        The fields that never change in a run are encoded once. A state's
-        ``execute`` snapshot follows its ``state_enter`` with nothing run in
-        between when its ``on_state_enter`` is the library's pass-through: the
-        same context object, step and state, so the same text, which is not
-        encoded again.
-        """
-        entered = self._entered
-        if (
-            event == "execute"
-            and entered is not None
-            and entered[0] == step
-            and entered[1] == state_name
-            and entered[2] is context
-            and entered[3] == self._hooks_called
-            and output is None
-            and waiting_channel is None
-            and tool_loop_state is None
-            and not self._pending_launches
-        ):
-            return entered[4], entered[5]
-        fixed = (
-            self.execution_id,
-            self.machine_name,
-            self.spec_version,
-            self.parent_execution_id,
-            self._config_hash,
-        )
-        parts = self._fixed_text
-        if parts is None or parts[0] != fixed:
-            head = (
-                f'{{"execution_id": {_value(fixed[0])}, "machine_name": {_value(fixed[1])}, '
-                f'"spec_version": {_value(fixed[2])}, "current_state": '
+        except NotJSON:
+            # a value plain JSON cannot hold: the library's path, with its conversions
+            self._entered = None
+            return await super()._save_checkpoint(
+                event, state_name, step, context, output, waiting_channel, tool_loop_state
             )
-            parent = f', "parent_execution_id": {_value(fixed[3])}'
-            tail = f', "config_hash": {_value(fixed[4])}}}'
-            parts = self._fixed_text = (fixed, head, parent, tail)
-        _, head, parent, tail = parts
-        checkpoint_context = dict(context)
-        machine = checkpoint_context.get("machine")
-        if isinstance(machine, MappingProxyType):
-            checkpoint_context["machine"] = dict(machine)
-        pending = self._get_pending_intents() if self._pending_launches else None
-        before = (
-            f"{head}{_value(state_name)}, "
-            f'"context": {_encode_snapshot(checkpoint_context)}, "step": {_value(step)}, '
-        )
-        after = (
-            f', "output": {_value(output)}, "total_api_calls": {_value(self.total_api_calls)}, '
-            f'"total_cost": {_value(self.total_cost)}{parent}, '
-            f'"pending_launches": {_value(pending)}, "waiting_channel": {_value(waiting_channel)}, '
-            f'"tool_loop_state": {_value(tool_loop_state)}{tail}'
-        )
-        return before, after
 
     async def _execute_state(self, state_name: str, context: dict[str, Any]) -> Any:
         self.running_state = state_name  # a wait's deadline is its state's `timeout`
@@ -587,8 +506,11 @@ class Runner:
         # the first claim ever of an execution at step 0 (not a fork): nobody can
         # have written a checkpoint
         first = claim.fence == 1 and ex.step == 0
-        latest = None if first else await self.store.latest_checkpoint(ex.id)
-        snapshot = MachineSnapshot(**json.loads(latest[1])) if latest else None
+        latest = None if first else await self.store.latest_decoded(ex.id)
+        snapshot = None
+        if latest is not None:
+            persistence.adopt(ex.id, latest[1])  # the next row stores what changed since
+            snapshot = MachineSnapshot(**latest[1].doc)
         if snapshot is None or snapshot.event == "machine_start":
             return await machine.execute(input=ex.input, max_steps=self.max_steps)
         if snapshot.event == "machine_end":

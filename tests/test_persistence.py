@@ -395,27 +395,3 @@ def test_config_cache_hands_each_machine_its_own_exact_copy():
     assert type(cache.get("yaml-only")["data"]["when"]).__name__ == "date"
     assert 1 in cache.get("yaml-only")["data"]
 
-
-def test_a_snapshot_value_is_written_as_json_dumps_writes_it():
-    # _value writes strings, None, ints and finite floats without the encoder;
-    # the snapshot's bytes must stay json.dumps' (the library's) for any value
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from orchestrator.runner import _value
-
-    scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
-    values = st.recursive(
-        scalars,
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-        max_leaves=12,
-    )
-
-    @settings(max_examples=500, deadline=None)
-    @given(scalars | values)
-    def check(value):
-        assert _value(value) == json.dumps(value)
-
-    check()
-    for edge in (float("nan"), float("inf"), -float("inf"), -0.0, 1e300, 2**64, 'é "\u2028'):
-        assert _value(edge) == json.dumps(edge)

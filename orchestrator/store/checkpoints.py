@@ -3,10 +3,14 @@
 A snapshot row is also the latest pointer (latest = highest id), so a snapshot
 and its pointer are one insert. The hot path (a checkpoint commit) runs on the
 driver's own cursor: a handful of fixed statements, written once.
+
+A row stores what changed since the row before it (snapshots.py); every read
+here gives back whole snapshots, read through the row's chain.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,9 +19,57 @@ import sqlalchemy as sa
 from ..clock import utcnow
 from .db import Database
 from .fenced import FencedWrite, fenced_insert
-from .models import checkpoints
+from .models import blobs, checkpoints
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
+from .snapshots import FULL, Decoded, decode
+
+
+def read_snapshot(conn: sa.Connection, execution_id: str, row_id: int) -> Decoded:
+    """The document of checkpoint ``row_id``: its chain, from the full row at
+    or before it, applied in order, with the big strings it names."""
+    full = (
+        sa.select(sa.func.max(checkpoints.c.id))
+        .where(
+            checkpoints.c.execution_id == execution_id,
+            checkpoints.c.id <= row_id,
+            checkpoints.c.delta == FULL,
+        )
+        .scalar_subquery()
+    )
+    rows = [
+        bytes(r.snapshot)
+        for r in conn.execute(
+            sa.select(checkpoints.c.snapshot)
+            .where(
+                checkpoints.c.execution_id == execution_id,
+                checkpoints.c.id >= sa.func.coalesce(full, 0),
+                checkpoints.c.id <= row_id,
+            )
+            .order_by(checkpoints.c.id)
+        )
+    ]
+    return decode(rows, lambda hashes: blob_texts(conn, hashes))
+
+
+def blob_texts(conn: sa.Connection, hashes: set[str]) -> dict[str, str]:
+    from .snapshots import blob_text
+
+    out: dict[str, str] = {}
+    todo = sorted(hashes)
+    for i in range(0, len(todo), 500):
+        for r in conn.execute(
+            sa.select(blobs.c.hash, blobs.c.data, blobs.c.codec).where(
+                blobs.c.hash.in_(todo[i : i + 500])
+            )
+        ):
+            out[r.hash] = blob_text(bytes(r.data), r.codec)
+    return out
+
+
+def snapshot_bytes(decoded: Decoded) -> bytes:
+    """A document as the library writes it (json.dumps' default form)."""
+    return json.dumps(decoded.doc).encode("utf-8")
 
 
 class Checkpoints:
@@ -99,30 +151,65 @@ class Checkpoints:
 
     async def load_checkpoint(self, execution_id: str, key: str) -> bytes | None:
         stmt = (
-            sa.select(checkpoints.c.snapshot)
+            sa.select(checkpoints.c.id)
             .where(checkpoints.c.execution_id == execution_id, checkpoints.c.key == key)
             .order_by(checkpoints.c.id.desc())
             .limit(1)
         )
 
         def tx(conn: sa.Connection) -> bytes | None:
-            return conn.scalar(stmt)
+            row_id = conn.scalar(stmt)
+            if row_id is None:
+                return None
+            return snapshot_bytes(read_snapshot(conn, execution_id, row_id))
 
         return await self.db.read(tx)
 
     async def latest_checkpoint(self, execution_id: str) -> tuple[str, bytes] | None:
+        latest = await self.latest_decoded(execution_id)
+        return (latest[0], snapshot_bytes(latest[1])) if latest else None
+
+    async def latest_decoded(self, execution_id: str) -> tuple[str, Decoded] | None:
+        """The latest checkpoint's key and document (and its chain's figures,
+        for a writer that goes on from it)."""
         stmt = (
-            sa.select(checkpoints.c.key, checkpoints.c.snapshot)
+            sa.select(checkpoints.c.key, checkpoints.c.id)
             .where(checkpoints.c.execution_id == execution_id)
             .order_by(checkpoints.c.id.desc())
             .limit(1)
         )
 
-        def tx(conn: sa.Connection) -> tuple[str, bytes] | None:
+        def tx(conn: sa.Connection) -> tuple[str, Decoded] | None:
             row = (conn.execute(stmt)).first()
-            return (row.key, bytes(row.snapshot)) if row else None
+            if row is None:
+                return None
+            return row.key, read_snapshot(conn, execution_id, row.id)
 
         return await self.db.read(tx)
+
+    async def chain_rows(self, execution_id: str) -> list[bytes]:
+        """The stored rows of the execution's latest chain (full row first)."""
+        full = (
+            sa.select(sa.func.max(checkpoints.c.id))
+            .where(checkpoints.c.execution_id == execution_id, checkpoints.c.delta == FULL)
+            .scalar_subquery()
+        )
+        stmt = (
+            sa.select(checkpoints.c.snapshot)
+            .where(
+                checkpoints.c.execution_id == execution_id,
+                checkpoints.c.id >= sa.func.coalesce(full, 0),
+            )
+            .order_by(checkpoints.c.id)
+        )
+
+        def tx(conn: sa.Connection) -> list[bytes]:
+            return [bytes(r.snapshot) for r in conn.execute(stmt)]
+
+        return await self.db.read(tx)
+
+    async def blob_texts(self, hashes: set[str]) -> dict[str, str]:
+        return await self.db.read(lambda conn: blob_texts(conn, hashes))
 
     async def checkpoint_at(
         self, execution_id: str, step: int | None = None, *, seq: int | None = None
@@ -134,7 +221,6 @@ class Checkpoints:
             checkpoints.c.event,
             checkpoints.c.state,
             checkpoints.c.created_at,
-            checkpoints.c.snapshot,
             checkpoints.c.id,
         ).where(checkpoints.c.execution_id == execution_id)
         if step is not None:
@@ -147,27 +233,24 @@ class Checkpoints:
             r = conn.execute(stmt).first()
             if r is None:
                 return None
-            return CheckpointRecord(
-                r.step, r.event, r.state, r.created_at, bytes(r.snapshot), seq=r.id
-            )
+            snapshot = snapshot_bytes(read_snapshot(conn, execution_id, r.id))
+            return CheckpointRecord(r.step, r.event, r.state, r.created_at, snapshot, seq=r.id)
 
         return await self.db.read(tx)
 
     async def latest_snapshot_ids(self) -> list[tuple[str, bytes]]:
         """(execution id, latest snapshot) for every execution with checkpoints."""
-        latest = (
-            sa.select(sa.func.max(checkpoints.c.id).label("id"))
-            .group_by(checkpoints.c.execution_id)
-            .subquery()
-        )
         stmt = (
-            sa.select(checkpoints.c.execution_id, checkpoints.c.snapshot)
-            .join(latest, latest.c.id == checkpoints.c.id)
+            sa.select(checkpoints.c.execution_id, sa.func.max(checkpoints.c.id).label("id"))
+            .group_by(checkpoints.c.execution_id)
             .order_by(checkpoints.c.execution_id)
         )
 
         def tx(conn: sa.Connection) -> list[tuple[str, bytes]]:
-            return [(r.execution_id, bytes(r.snapshot)) for r in conn.execute(stmt)]
+            return [
+                (r.execution_id, snapshot_bytes(read_snapshot(conn, r.execution_id, r.id)))
+                for r in conn.execute(stmt).all()
+            ]
 
         return await self.db.read(tx)
 

@@ -27,10 +27,19 @@ _RAW_SAVE_STEP_AND_STATE = (
 _RAW_SAVE_STEP = f"UPDATE executions SET updated_at = ?, step = ? {RAW_HELD}"
 _RAW_SAVE_TOUCH = f"UPDATE executions SET updated_at = ? {RAW_HELD}"
 _RAW_INSERT_CHECKPOINTS = (
-    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
-    " VALUES "
+    "INSERT INTO checkpoints"
+    " (execution_id, key, step, event, state, snapshot, fence, created_at, delta) VALUES "
 )
-_RAW_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_RAW_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# the big strings a row names: stored once (a writer that names one again
+# moves its used_at, which keeps retention off it), linked to the execution
+_RAW_UPSERT_BLOB = (
+    "INSERT INTO blobs (hash, data, codec, size, used_at) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (hash) DO UPDATE SET used_at = excluded.used_at"
+)
+_RAW_LINK_BLOB = (
+    "INSERT INTO checkpoint_blobs (execution_id, hash) VALUES (?, ?) ON CONFLICT DO NOTHING"
+)
 
 
 def moved_to(owner_id: str, rows: Sequence[CheckpointRow]) -> tuple[int, str | None] | None:
@@ -59,8 +68,21 @@ def _row_params(drv: eng.Driver, rows: Sequence[CheckpointRow], fence: int, now:
     params: list[Any] = []
     for r in rows:
         at = now if r.at is None else drv.time(r.at)
-        params += (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence, at)
+        params += (r.execution_id, r.key, r.step, r.event, r.state, r.snapshot, fence, at, r.delta)
     return params
+
+
+def write_blobs(cur: Any, drv: eng.Driver, rows: Sequence[CheckpointRow], now: Any) -> None:
+    """The blobs ``rows`` name for the first time in their executions, in the
+    rows' transaction (a row is never committed without them)."""
+    blobs = [(r.execution_id, b) for r in rows for b in r.blobs]
+    if not blobs:
+        return
+    unique = {b.hash: b for _, b in blobs}.values()
+    cur.executemany(
+        drv.sql(_RAW_UPSERT_BLOB), [(b.hash, b.data, b.codec, b.size, now) for b in unique]
+    )
+    cur.executemany(drv.sql(_RAW_LINK_BLOB), list({(e, b.hash) for e, b in blobs}))
 
 
 def insert_checkpoints(
@@ -74,6 +96,7 @@ def insert_checkpoints(
     # costs more than it saves for the few rows of one commit.
     params = _row_params(drv, rows, fence, now)
     cur.execute(drv.sql(_RAW_INSERT_CHECKPOINTS + ", ".join([_RAW_ROW] * len(rows))), params)
+    write_blobs(cur, drv, rows, now)
 
 
 # PostgreSQL: the fence check (and the step it moves to) and the rows in one
@@ -81,10 +104,11 @@ def insert_checkpoints(
 # it; the rows go in only if it matched, in the order of their VALUES.
 _PG_FENCED_INSERT = (
     "WITH held AS ({touch} RETURNING 1) "
-    "INSERT INTO checkpoints (execution_id, key, step, event, state, snapshot, fence, created_at)"
-    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, %s, v.at FROM unnest(%b::text[], %b::text[],"
-    " %b::integer[], %b::text[], %b::text[], %b::bytea[], %b::timestamp[])"
-    " WITH ORDINALITY AS v(e, k, s, ev, st, sn, at, o)"
+    "INSERT INTO checkpoints"
+    " (execution_id, key, step, event, state, snapshot, fence, created_at, delta)"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, %s, v.at, v.d FROM unnest(%b::text[], %b::text[],"
+    " %b::integer[], %b::text[], %b::text[], %b::bytea[], %b::timestamp[], %b::integer[])"
+    " WITH ORDINALITY AS v(e, k, s, ev, st, sn, at, d, o)"
     " WHERE EXISTS (SELECT 1 FROM held) ORDER BY v.o"
 )
 
@@ -102,6 +126,7 @@ def _row_arrays(drv: eng.Driver, rows: Sequence[CheckpointRow], now: Any) -> lis
         [r.state for r in rows],
         [r.snapshot for r in rows],
         [now if r.at is None else drv.time(r.at) for r in rows],
+        [r.delta for r in rows],
     ]
 
 
@@ -122,6 +147,7 @@ def fenced_insert(
         cur.execute(sql, (*params, fence, *_row_arrays(drv, rows, now)))
         if cur.rowcount != len(rows):
             raise LeaseLost(owner_id, fence)
+        write_blobs(cur, drv, rows, now)
         return
     cur.execute(drv.sql(touch), params)
     if cur.rowcount != 1:
@@ -208,10 +234,10 @@ _PG_MERGED = (
     " FROM w WHERE e.id = w.id AND e.fence = w.fence AND (e.status = 'running') IS TRUE"
     " RETURNING e.id),"
     " ins AS (INSERT INTO checkpoints"
-    " (execution_id, key, step, event, state, snapshot, fence, created_at)"
-    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at FROM unnest(%b::text[], %b::text[],"
+    " (execution_id, key, step, event, state, snapshot, fence, created_at, delta)"
+    " SELECT v.e, v.k, v.s, v.ev, v.st, v.sn, v.f, v.at, v.d FROM unnest(%b::text[], %b::text[],"
     " %b::text[], %b::integer[], %b::text[], %b::text[], %b::bytea[], %b::bigint[],"
-    " %b::timestamp[]) WITH ORDINALITY AS v(owner, e, k, s, ev, st, sn, f, at, o)"
+    " %b::timestamp[], %b::integer[]) WITH ORDINALITY AS v(owner, e, k, s, ev, st, sn, f, at, d, o)"
     " WHERE v.owner IN (SELECT id FROM held) ORDER BY v.o),"
     " counted AS (UPDATE workers k SET completed = k.completed + c.n FROM"
     " (SELECT w.worker, count(*) AS n FROM w JOIN held ON held.id = w.id WHERE w.done"
@@ -221,7 +247,12 @@ _PG_MERGED = (
 
 
 def _merges(f: Any) -> bool:
-    return isinstance(f, FencedWrite) and bool(f.rows or f.completes)
+    # a write with blobs runs its own statements (in the batch's transaction)
+    return (
+        isinstance(f, FencedWrite)
+        and bool(f.rows or f.completes)
+        and not any(r.blobs for r in f.rows)
+    )
 
 
 def mergeable(drv: eng.Driver, fns: Sequence[Any]) -> bool:
@@ -345,7 +376,7 @@ def run_merged(
         return _the_rest(cur, fns, merged, held=held)
     now = drv.time(utcnow())
     owners: list[list[Any]] = [[] for _ in range(9)]
-    rows: list[list[Any]] = [[] for _ in range(9)]
+    rows: list[list[Any]] = [[] for _ in range(10)]
     for i in sorted(merged):
         f = fns[i]
         for column, value in zip(owners, _owner(f), strict=True):
@@ -355,7 +386,7 @@ def run_merged(
             for column, value in zip(
                 rows,
                 (f.owner_id, r.execution_id, r.key, r.step, r.event, r.state, r.snapshot)
-                + (f.fence, at),
+                + (f.fence, at, r.delta),
                 strict=True,
             ):
                 column.append(value)

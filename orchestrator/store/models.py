@@ -127,11 +127,38 @@ checkpoints = Table(
     Column("step", Integer, nullable=False),
     Column("event", String(40), nullable=False),
     Column("state", String(200)),
+    # the stored row (store/snapshots.py): a full snapshot, or (delta = 1) what
+    # changed since the row before it of the same execution
     Column("snapshot", LargeBinary, nullable=False),
     Column("fence", BigInteger, nullable=False),
     Column("created_at", DateTime, nullable=False),
+    Column("delta", Integer, nullable=False, server_default=text("0")),
     # latest checkpoint of an execution = max id: one index look-up
     Index("ix_checkpoints_execution", "execution_id", "id"),
+)
+
+# big strings of checkpoints, stored once by a hash of their text and shared by
+# every execution that holds them (store/snapshots.py). Retention removes a
+# blob once no execution links it (and it was not used for a while: a writer
+# that names it again moves used_at, so it is never removed under that writer)
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("hash", String(32), primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+    Column("codec", String(8), nullable=False),  # plain | zlib
+    Column("size", Integer, nullable=False),  # bytes of the text
+    Column("used_at", DateTime, nullable=False),
+    Index("ix_blobs_used_at", "used_at"),
+)
+
+# which executions name which blobs: removed with the execution (retention)
+checkpoint_blobs = Table(
+    "checkpoint_blobs",
+    metadata,
+    Column("execution_id", String(200), primary_key=True),
+    Column("hash", String(32), primary_key=True),
+    Index("ix_checkpoint_blobs_hash", "hash"),
 )
 
 workers = Table(

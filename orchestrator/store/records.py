@@ -121,9 +121,11 @@ class CheckpointRow:
     step: int
     event: str
     state: str | None
-    snapshot: bytes
+    snapshot: bytes  # as stored (store/snapshots.py): a full row or a delta
     # when the machine took it (naive UTC); None: when it commits
     at: datetime | None = None
+    delta: int = 0  # 1: ``snapshot`` is what changed since the row before it
+    blobs: tuple = ()  # snapshots.Blob: big strings it names, new to its execution
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,338 @@
+"""Checkpoints store what changed (store/snapshots.py), and read back whole.
+
+Every test here runs on SQLite and on PostgreSQL (the ``store`` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from orchestrator.client import Client
+from orchestrator.persistence import FencedPersistence
+from orchestrator.store import snapshots
+from orchestrator.store.models import blobs, checkpoint_blobs, checkpoints
+
+from .conftest import chain_machine, run_async
+
+
+def _same(a, b) -> bool:
+    """JSON's equality: 1, 1.0 and true differ, and so do 0.0 and -0.0."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _doc(ex_id: str, step: int, event: str, context: dict) -> dict:
+    return {
+        "execution_id": ex_id,
+        "machine_name": "m",
+        "spec_version": "4.2.1",
+        "current_state": "s1",
+        "context": context,
+        "step": step,
+        "created_at": f"2026-01-01T00:00:{step % 60:02d}+00:00",
+        "event": event,
+        "output": None,
+        "total_api_calls": 0,
+        "total_cost": 0.0,
+        "parent_execution_id": None,
+        "pending_launches": None,
+        "waiting_channel": None,
+        "tool_loop_state": None,
+        "config_hash": "h",
+    }
+
+
+def _claimed(store, tmp_path, name="m.yml"):
+    ex_id = run_async(
+        Client(store).submit(chain_machine(tmp_path / name, ["add"]), {})
+    ).execution.id
+    claim = run_async(store.claim("w", ["default"]))
+    assert claim.execution.id == ex_id
+    return ex_id, claim
+
+
+async def _save(p: FencedPersistence, ex_id: str, step: int, event: str, context: dict) -> str:
+    key = f"{ex_id}/step_{step:06d}_{event}.json"
+    await p.save_doc(
+        execution_id=ex_id,
+        key=key,
+        step=step,
+        event=event,
+        state="s1",
+        at=None,
+        doc=_doc(ex_id, step, event, context),
+    )
+    return key
+
+
+# ------------------------------------------------------------------ property
+
+_BIG = st.builds(
+    lambda s, n: (s * n)[: snapshots.BIG + n],
+    st.text(min_size=1, max_size=3),
+    st.integers(400, 1200),
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8)
+    | st.sampled_from([0, 1, 1.0, True, False, 0.0, -0.0])
+)
+_VALUES = st.recursive(
+    _SCALARS | _BIG,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+_CHANGES = st.lists(
+    st.tuples(
+        st.sampled_from(["set", "delete", "append", "nested", "cut", "replace", "same"]),
+        st.sampled_from(["a", "b", "history", "deep"]),
+        _VALUES,
+        st.integers(0, 3),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+def _change(context: dict, kind: str, key: str, value, k: int) -> None:
+    if kind == "set":
+        context[key] = value
+    elif kind == "delete":
+        context.pop(key, None)
+    elif kind == "append":
+        if not isinstance(context.get(key), list):
+            context[key] = []
+        context[key].append(value)
+    elif kind == "nested":
+        node = context.setdefault(key, {})
+        if isinstance(node, dict):
+            node.setdefault("x", {})
+            if isinstance(node["x"], dict):
+                node["x"][str(k)] = value
+            else:
+                node["x"] = value
+        elif isinstance(node, list) and node:
+            node[k % len(node)] = value
+        else:
+            context[key] = {"x": value}
+    elif kind == "cut":
+        if isinstance(context.get(key), list):
+            del context[key][:k]
+            context[key].append(value)
+    elif kind == "replace":
+        context.clear()
+        context[key] = value
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(changes=_CHANGES, durable_every=st.integers(1, 4))
+def test_the_context_read_back_at_every_step_is_the_one_written(
+    store, tmp_path_factory, changes, durable_every
+):
+    tmp = tmp_path_factory.mktemp("prop")
+    ex_id, claim = _claimed(store, tmp)
+
+    async def go():
+        p = FencedPersistence(store, claim, linger=3600)
+        context: dict = {"history": []}
+        written: list[tuple[str, str]] = []  # (key, the context's JSON)
+        for step, change in enumerate(changes, start=1):
+            _change(context, *change)
+            event = "state_exit" if step % durable_every == 0 else "state_enter"
+            key = await _save(p, ex_id, step, event, context)
+            want = json.loads(json.dumps(context))
+            written.append((key, json.dumps(want, sort_keys=True)))
+            # read back at once, written yet or not (pending markers are read from memory)
+            got = json.loads(await p.load(key))
+            assert _same(got["context"], want)
+        await p.flush()
+        # and every row from the store, as a fresh reader reads it
+        history = await store.history(ex_id)
+        assert len(history) == len(written)
+        for record, (key, want) in zip(history, written, strict=True):
+            at = await store.checkpoint_at(ex_id, seq=record.seq)
+            assert json.dumps(json.loads(at.snapshot)["context"], sort_keys=True) == want
+        await p.close()
+
+    run_async(go())
+
+
+# ------------------------------------------------------------------ bytes
+
+
+def _stored_bytes(store, ex_id: str) -> tuple[int, int]:
+    """(bytes of the execution's rows, bytes of the blobs it links)."""
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.scalar(
+                sa.select(sa.func.sum(sa.func.length(checkpoints.c.snapshot))).where(
+                    checkpoints.c.execution_id == ex_id
+                )
+            )
+            data = conn.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(blobs.c.data)), 0))
+                .select_from(blobs.join(checkpoint_blobs, checkpoint_blobs.c.hash == blobs.c.hash))
+                .where(checkpoint_blobs.c.execution_id == ex_id)
+            )
+    finally:
+        engine.dispose()
+    return int(rows or 0), int(data or 0)
+
+
+_WORDS = "the of model answer tool result user query context document retrieve plan step".split()
+
+
+def _answer(rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(330))[:2048]
+
+
+def _agent(store, tmp_path, name: str, turns: int) -> tuple[int, int]:
+    ex_id, claim = _claimed(store, tmp_path, name)
+
+    async def go():
+        p = FencedPersistence(store, claim, linger=3600)
+        rng = random.Random(turns)
+        context: dict = {"history": [], "turn": 0}
+        step = 0
+        for _ in range(turns):
+            step += 1
+            context["machine"] = {"step": step, "current_state": "turn"}
+            await _save(p, ex_id, step, "state_enter", context)
+            await _save(p, ex_id, step, "execute", context)
+            context["history"].append({"role": "assistant", "content": _answer(rng)})
+            context["turn"] += 1
+            await _save(p, ex_id, step, "state_exit", context)
+        got = json.loads(
+            await store.load_checkpoint(ex_id, f"{ex_id}/step_{step:06d}_state_exit.json")
+        )
+        assert got["context"] == json.loads(json.dumps(context))
+        await p.close()
+
+    run_async(go())
+    return _stored_bytes(store, ex_id)
+
+
+def test_bytes_grow_with_the_data_not_with_its_square(store, tmp_path):
+    rows100, data100 = _agent(store, tmp_path, "a.yml", 100)
+    rows200, data200 = _agent(store, tmp_path, "b.yml", 200)
+    # the whole context again at every checkpoint would be about 4x
+    assert (rows200 + data200) / (rows100 + data100) <= 2.2
+    # 200 answers of 2 KB: what the rows and blobs hold is of the order of the data itself
+    assert rows200 + data200 < 200 * 2048 * 1.5
+
+
+def test_a_big_value_is_stored_once_across_checkpoints_and_executions(store, tmp_path):
+    text = "retrieved document " * 200
+    ids = []
+    for name in ("a.yml", "b.yml"):
+        ex_id, claim = _claimed(store, tmp_path, name)
+        ids.append(ex_id)
+
+        async def go(ex_id=ex_id, claim=claim):
+            p = FencedPersistence(store, claim, linger=3600)
+            for step in (1, 2, 3):
+                await _save(p, ex_id, step, "state_exit", {"doc": text, "n": step})
+            await p.close()
+
+        run_async(go())
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(sa.select(sa.func.count()).select_from(blobs)) == 1
+            links = conn.execute(sa.select(checkpoint_blobs.c.execution_id)).scalars().all()
+    finally:
+        engine.dispose()
+    assert sorted(links) == sorted(ids)
+    for ex_id in ids:
+        at = run_async(store.checkpoint_at(ex_id, 3))
+        assert json.loads(at.snapshot)["context"] == {"doc": text, "n": 3}
+
+
+def test_a_store_row_of_the_previous_form_is_read_and_gone_on_from(store, tmp_path):
+    """Rows written before deltas are the library's JSON text: a resume reads
+    one and the rows after it store what changed since."""
+    ex_id, claim = _claimed(store, tmp_path)
+    old = _doc(ex_id, 1, "state_exit", {"history": ["x" * 3000], "n": 1})
+    run_async(
+        store.save_checkpoint(
+            owner_id=ex_id,
+            fence=claim.fence,
+            execution_id=ex_id,
+            key=f"{ex_id}/step_000001_state_exit.json",
+            step=1,
+            event="state_exit",
+            state="s1",
+            snapshot=json.dumps(old).encode(),
+        )
+    )
+
+    async def go():
+        key, decoded = await store.latest_decoded(ex_id)
+        p = FencedPersistence(store, claim, linger=3600)
+        p.adopt(ex_id, decoded)
+        context = decoded.doc["context"]
+        context["n"] = 2
+        context["history"].append("y")
+        await _save(p, ex_id, 2, "state_exit", context)
+        await p.close()
+
+    run_async(go())
+    history = run_async(store.history(ex_id))
+    assert [h.step for h in history] == [1, 2]
+    at = run_async(store.checkpoint_at(ex_id, 2))
+    assert json.loads(at.snapshot)["context"] == {"history": ["x" * 3000, "y"], "n": 2}
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            deltas = (
+                conn.execute(
+                    sa.select(checkpoints.c.delta)
+                    .where(checkpoints.c.execution_id == ex_id)
+                    .order_by(checkpoints.c.id)
+                )
+                .scalars()
+                .all()
+            )
+    finally:
+        engine.dispose()
+    assert deltas == [0, 1]
+
+
+def test_a_delta_that_does_not_follow_its_row_is_refused_on_read(store, tmp_path):
+    ex_id, claim = _claimed(store, tmp_path)
+
+    async def go():
+        p = FencedPersistence(store, claim, linger=3600)
+        for step in (1, 2, 3):
+            await _save(p, ex_id, step, "state_exit", {"n": step})
+        await p.close()
+
+    run_async(go())
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.begin() as conn:
+            middle = conn.scalars(
+                sa.select(checkpoints.c.id)
+                .where(checkpoints.c.execution_id == ex_id)
+                .order_by(checkpoints.c.id)
+            ).all()[1]
+            conn.execute(sa.delete(checkpoints).where(checkpoints.c.id == middle))
+    finally:
+        engine.dispose()
+    with pytest.raises(snapshots.BrokenChain, match="does not follow"):
+        run_async(store.checkpoint_at(ex_id, 3))
