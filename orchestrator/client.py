@@ -361,6 +361,12 @@ class Client:
         at = await self.store.checkpoint_at(execution_id, step)
         if at is None:
             where = f" at step {step}" if step is not None else ""
+            steps = sorted({h.step for h in await self.store.history(execution_id)})
+            if step is not None and steps and step < steps[0]:
+                where += (
+                    f" (its workflow's history window let go of it; it keeps steps "
+                    f"{steps[0]}-{steps[-1]})"
+                )
             raise UserError(
                 f"execution {execution_id} has no checkpoint{where} "
                 f"(see `orch show {execution_id}`)"

@@ -107,6 +107,27 @@ def _check_checkpoint_on(events: Any, where: str) -> None:
         )
 
 
+def history_window(config: Any) -> int | None:
+    """``data.settings.history``: how many durable checkpoints a running
+    execution keeps (None: all of them)."""
+    data = config.get("data") if isinstance(config, dict) else None
+    settings = data.get("settings") if isinstance(data, dict) else None
+    value = settings.get("history") if isinstance(settings, dict) else None
+    return value if type(value) is int and value > 0 else None
+
+
+def _check_history(data: dict[str, Any], where: str) -> None:
+    settings = data.get("settings")
+    if not isinstance(settings, dict) or "history" not in settings:
+        return
+    value = settings["history"]
+    if type(value) is not int or not 1 <= value <= 2**31 - 1:
+        raise UserError(
+            f"{where}: 'settings: history' must be a positive whole number (how many durable "
+            "checkpoints a running execution keeps); remove it to keep them all"
+        )
+
+
 def _check_structure(config: Any, where: str) -> None:
     if not isinstance(config, dict):
         raise UserError(f"{where}: not a flatmachine config (expected a YAML mapping at the top)")
@@ -118,6 +139,7 @@ def _check_structure(config: Any, where: str) -> None:
     states = data.get("states")
     if not isinstance(states, dict) or not states:
         raise UserError(f"{where}: field 'data.states' must map state names to states")
+    _check_history(data, where)
     # before the schema check, which would only say 'backend' is missing
     persistence = data.get("persistence") or {}
     if isinstance(persistence, dict) and persistence.get("enabled", True) is False:

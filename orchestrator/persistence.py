@@ -97,6 +97,9 @@ class FencedPersistence(PersistenceBackend):
         # each execution's last stored row, to store the next as what changed
         self._chains: dict[str, snapshots.Chain] = {}
         self._sizes: dict[str, int] = {}  # a running estimate of each context's size
+        # the workflow's history window: durable checkpoints a running execution keeps
+        self.history: int | None = None
+        self._durable_since_trim = 2**31  # the run's first durable commit trims
         self._pending: list[CheckpointRow] = []
         self._write_lock = asyncio.Lock()  # keeps row ids in save order
         self._timer: asyncio.TimerHandle | None = None
@@ -230,6 +233,19 @@ class FencedPersistence(PersistenceBackend):
             return
         await self._write(durable=True, extra=row)
 
+    async def _trim(self, rows: list[CheckpointRow]) -> None:
+        """A workflow's history window (``settings.history``): once in a while
+        (and at a run's first durable commit), the owner's checkpoints before
+        its last ``history`` durable ones go."""
+        assert self.history is not None
+        self._durable_since_trim += sum(
+            1 for r in rows if r.execution_id == self.owner_id and r.event not in PROGRESS_EVENTS
+        )
+        if self._durable_since_trim < max(1, self.history // 4):
+            return
+        self._durable_since_trim = 0
+        await self.store.trim_history(self.owner_id, self.claim.fence, self.owner_id, self.history)
+
     async def take_pending(self) -> list[CheckpointRow]:
         """The rows not yet written, for the caller to commit with the outcome
         (after any write in flight, so row ids keep the save order)."""
@@ -304,6 +320,8 @@ class FencedPersistence(PersistenceBackend):
                     durable=durable,
                     wait=wait,
                 )
+                if durable and self.history is not None:
+                    await self._trim(rows)
             except StoreUnavailable as exc:
                 if durable or exc.uncertain:
                     # a state's progress is unknown to the store, or may be half

@@ -48,7 +48,7 @@ from .app import LazyAgentRegistry, registered_names
 from .children import ChildrenOnTheStore, StoreInvoker, StoreResults
 from .clock import utcnow
 from .errors import LeaseLost, StoreUnavailable
-from .machine_config import ConfigCache, check_envelope, hook_names
+from .machine_config import ConfigCache, check_envelope, history_window, hook_names
 from .offloop import HookThreads, off_loop, passes_through
 from .persistence import (
     DEFAULT_LINGER,
@@ -476,6 +476,7 @@ class Runner:
             _execution_id=ex.id,
         )
         persistence.final_states = frozenset(machine._final_states)
+        persistence.history = history_window(config)
         machine.max_steps = self.max_steps
         try:
             result = await self._execute(claim, machine, persistence)

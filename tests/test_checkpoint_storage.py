@@ -336,3 +336,113 @@ def test_a_delta_that_does_not_follow_its_row_is_refused_on_read(store, tmp_path
         engine.dispose()
     with pytest.raises(snapshots.BrokenChain, match="does not follow"):
         run_async(store.checkpoint_at(ex_id, 3))
+
+
+# ------------------------------------------------------------------ history window
+
+
+def _loop_machine(path, turns: int, history) -> object:
+    from .conftest import write_machine
+
+    settings = {} if history is None else {"settings": {"history": history}}
+    return write_machine(
+        path,
+        {
+            "spec": "flatmachine",
+            "spec_version": "4.2.1",
+            "data": {
+                "name": "loop",
+                **settings,
+                "context": {"acc": 0, "log": []},
+                "states": {
+                    "start": {"type": "initial", "transitions": [{"to": "tick"}]},
+                    "tick": {
+                        "hooks": "effects",
+                        "action": "add",
+                        "transitions": [
+                            {"condition": f"context.acc < {turns}", "to": "tick"},
+                            {"to": "done"},
+                        ],
+                    },
+                    "done": {"type": "final", "output": {"acc": "context.acc"}},
+                },
+            },
+        },
+    )
+
+
+class _Adding:
+    def on_action(self, state_name, action_name, context):
+        context["acc"] = int(context.get("acc") or 0) + 1
+        context["log"] = [*context.get("log", []), f"turn {context['acc']} " + "x" * 1500]
+        return context
+
+
+def _registry():
+    from flatmachines import HooksRegistry, MachineHooks
+
+    class Hooks(_Adding, MachineHooks):
+        pass
+
+    reg = HooksRegistry()
+    reg.register("effects", Hooks)
+    return reg
+
+
+def test_a_history_window_keeps_the_last_durable_checkpoints_of_a_running_loop(store, tmp_path):
+    from orchestrator.errors import UserError
+    from orchestrator.runner import Runner
+
+    ex_id = run_async(
+        Client(store).submit(_loop_machine(tmp_path / "m.yml", 40, 4), {})
+    ).execution.id
+    claim = run_async(store.claim("w", ["default"]))
+    outcome = run_async(Runner(store, _registry()).run(claim))
+    assert outcome.status == "completed" and outcome.output == {"acc": 40}
+    history = run_async(store.history(ex_id))
+    durable = [h for h in history if h.event not in ("state_enter", "execute", "machine_start")]
+    # the last 4 durable ones (and, until the next trim, a few more), with the chain they stand on
+    assert (
+        4 <= len(durable) <= 4 + 1 + 2
+    )  # the final state's exit and machine_end commit with the end
+    assert min(h.step for h in history) > 30
+    # what is kept reads back whole
+    at = run_async(store.checkpoint_at(ex_id, 41))  # step 1 is start: the 40th tick
+    assert len(json.loads(at.snapshot)["context"]["log"]) == 40
+    # the blobs of the answers let go of are unlinked
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            links = conn.scalar(
+                sa.select(sa.func.count()).where(checkpoint_blobs.c.execution_id == ex_id)
+            )
+    finally:
+        engine.dispose()
+    assert links == 40  # every answer is still in the context: all still named
+    with pytest.raises(UserError, match="history window let go of it"):
+        run_async(Client(store).fork(ex_id, from_step=2))
+    with pytest.raises(UserError, match="history window let go of it"):
+        run_async(Client(store).context(ex_id, step=2))
+    fork = run_async(Client(store).fork(ex_id, from_step=38))
+    assert fork.step == 38
+
+
+def test_without_a_window_every_durable_checkpoint_stays(store, tmp_path):
+    from orchestrator.runner import Runner
+
+    ex_id = run_async(
+        Client(store).submit(_loop_machine(tmp_path / "m.yml", 12, None), {})
+    ).execution.id
+    claim = run_async(store.claim("w", ["default"]))
+    assert run_async(Runner(store, _registry()).run(claim)).status == "completed"
+    steps = {h.step for h in run_async(store.history(ex_id)) if h.event == "state_exit"}
+    assert steps == set(range(1, 15))  # start, 12 ticks, done
+
+
+@pytest.mark.parametrize("bad", [0, -3, "5", 2.5, True])
+def test_a_history_window_that_is_not_a_positive_integer_is_refused_at_submit(store, tmp_path, bad):
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError, match="'settings: history' must be a positive whole number"):
+        run_async(Client(store).submit(_loop_machine(tmp_path / "m.yml", 3, bad), {}))
+    assert run_async(store.list_executions()) == []

@@ -17,12 +17,16 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..clock import utcnow
+from ..errors import LeaseLost
 from .db import Database
 from .fenced import FencedWrite, fenced_insert
-from .models import blobs, checkpoints
+from .models import blobs, checkpoint_blobs, checkpoints, executions
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
-from .snapshots import FULL, Decoded, decode
+from .snapshots import FULL, Decoded, decode, hashes_of, parse
+
+# checkpoints taken before a state runs (persistence.py): not durable points
+PROGRESS_EVENTS = ("machine_start", "state_enter", "execute")
 
 
 def read_snapshot(conn: sa.Connection, execution_id: str, row_id: int) -> Decoded:
@@ -207,6 +211,60 @@ class Checkpoints:
             return [bytes(r.snapshot) for r in conn.execute(stmt)]
 
         return await self.db.read(tx)
+
+    async def trim_history(self, owner_id: str, fence: int, execution_id: str, keep: int) -> int:
+        """Let go of an execution's checkpoints before its last ``keep`` durable
+        ones (a workflow's history window), under the owner's fence; the rows
+        a kept one is read through (its chain) stay. The blobs only the
+        removed rows named are unlinked, and removed once nothing links them.
+        Returns the rows removed."""
+        from .retention import unlink_blobs  # retention reads this module: not above
+
+        durable = checkpoints.c.event.notin_(PROGRESS_EVENTS)
+        mine = checkpoints.c.execution_id == execution_id
+
+        def tx(conn: sa.Connection) -> int:
+            held = conn.execute(
+                sa.update(executions)
+                .where(
+                    executions.c.id == owner_id,
+                    executions.c.fence == fence,
+                    executions.c.status == "running",
+                )
+                .values(updated_at=utcnow())
+            )
+            if held.rowcount != 1:
+                raise LeaseLost(owner_id, fence)
+            cutoff = conn.scalar(
+                sa.select(checkpoints.c.id)
+                .where(mine, durable)
+                .order_by(checkpoints.c.id.desc())
+                .offset(keep - 1)
+                .limit(1)
+            )
+            if cutoff is None:
+                return 0
+            base = conn.scalar(
+                sa.select(sa.func.max(checkpoints.c.id)).where(
+                    mine, checkpoints.c.id <= cutoff, checkpoints.c.delta == FULL
+                )
+            )
+            if base is None:
+                return 0
+            gone = conn.execute(sa.delete(checkpoints).where(mine, checkpoints.c.id < base))
+            if gone.rowcount and conn.scalar(
+                sa.select(sa.literal(1)).where(
+                    sa.exists().where(checkpoint_blobs.c.execution_id == execution_id)
+                )
+            ):
+                named = hashes_of(
+                    parse(bytes(r.snapshot))
+                    for r in conn.execute(sa.select(checkpoints.c.snapshot).where(mine))
+                )
+                unlink_blobs(conn, execution_id, keep=named)
+            return gone.rowcount or 0
+
+        return await self.db.write(tx)
 
     async def blob_texts(self, hashes: set[str]) -> dict[str, str]:
         return await self.db.read(lambda conn: blob_texts(conn, hashes))

@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from ..clock import utcnow
 from ..errors import LeaseLost, UserError
+from .checkpoints import read_snapshot
 from .db import Database
 from .executions import ensure_queues, get_in, insert_new
 from .groups import cancel_descendants, cancel_unfinished
@@ -107,7 +108,7 @@ class Lineage:
             now = utcnow()
             src = get_in(conn, source_id)
             row = conn.execute(
-                sa.select(checkpoints.c.state, checkpoints.c.snapshot)
+                sa.select(checkpoints.c.state, checkpoints.c.id)
                 .where(
                     checkpoints.c.execution_id == source_id,
                     checkpoints.c.step == step,
@@ -126,13 +127,15 @@ class Lineage:
                     .distinct()
                     .order_by(checkpoints.c.step)
                 ).all()
+                gone = ""
+                if steps and step < steps[0]:
+                    gone = " (its workflow's history window let go of it)"
                 raise UserError(
-                    f"execution {source_id} has no committed state at step {step}; steps to "
-                    f"fork from: {', '.join(map(str, steps)) or 'none yet'} (see `orch show "
-                    f"{source_id}`)"
+                    f"execution {source_id} has no committed state at step {step}{gone}; steps "
+                    f"to fork from: {_ranges(steps) or 'none yet'} (see `orch show {source_id}`)"
                 )
             config_hash, machine = config or (src.config_hash, src.machine)
-            snapshot = json.loads(row.snapshot)
+            snapshot = read_snapshot(conn, source_id, row.id).doc
             snapshot.update(
                 execution_id=new_id,
                 config_hash=config_hash,
@@ -185,3 +188,19 @@ class Lineage:
             return get_in(conn, new_id)
 
         return await self.db.write(tx)
+
+
+def _ranges(steps: Sequence[int]) -> str:
+    """1, 2, 3, 7, 8 -> '1-3, 7-8'."""
+    out: list[str] = []
+    start = prev = None
+    for n in steps:
+        if prev is not None and n == prev + 1:
+            prev = n
+            continue
+        if start is not None:
+            out.append(f"{start}-{prev}" if prev != start else str(start))
+        start = prev = n
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else str(start))
+    return ", ".join(out)

@@ -16,14 +16,22 @@ submits them again and are not removed here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from ..clock import utcnow
 from .db import Database
-from .models import FINAL_STATUSES, checkpoints, executions, signals
+from .models import FINAL_STATUSES, blobs, checkpoint_blobs, checkpoints, executions, signals
+
+# A blob no execution links is removed once it was not named for this long. A
+# writer that names a blob its execution does not link yet moves its used_at
+# in the transaction that links it; on PostgreSQL a delete that meets that
+# write re-reads used_at but not the link, so the grace must outlast any
+# writer's transaction (and the clocks' skew).
+BLOB_GRACE = timedelta(hours=1)
 
 BATCH = 200  # executions a transaction removes
 
@@ -113,8 +121,57 @@ class Retention:
             return Pruned()
         cps = conn.execute(sa.delete(checkpoints).where(checkpoints.c.execution_id.in_(gone)))
         sig = conn.execute(sa.delete(signals).where(signals.c.assigned_to.in_(gone)))
+        unlink_blobs(conn, gone)
         return Pruned(len(gone), cps.rowcount or 0, sig.rowcount or 0)
+
+    async def sweep_blobs(self, *, limit: int = BATCH) -> int:
+        """Remove blobs nothing links that were not named for ``BLOB_GRACE``
+        (those a removal left for their grace), at most ``limit``."""
+
+        def tx(conn: sa.Connection) -> int:
+            unlinked = ~sa.exists().where(checkpoint_blobs.c.hash == blobs.c.hash)
+            old = blobs.c.used_at < utcnow() - BLOB_GRACE
+            chosen = conn.scalars(sa.select(blobs.c.hash).where(old, unlinked).limit(limit)).all()
+            if not chosen:
+                return 0
+            return (
+                conn.execute(
+                    sa.delete(blobs).where(blobs.c.hash.in_(chosen), old, unlinked)
+                ).rowcount
+                or 0
+            )
+
+        return await self.db.write(tx)
 
 
 def _fields(p: Pruned) -> tuple[int, int, int]:
     return (p.executions, p.checkpoints, p.signals)
+
+
+def unlink_blobs(
+    conn: sa.Connection, execution_ids: str | Sequence[str], *, keep: Collection[str] = ()
+) -> int:
+    """Remove the executions' links to blobs (but those in ``keep``), and the
+    blobs of those links that nothing links any more, unless named within
+    ``BLOB_GRACE`` (``sweep_blobs`` takes them later). Returns blobs removed."""
+    ids = [execution_ids] if isinstance(execution_ids, str) else list(execution_ids)
+    mine = checkpoint_blobs.c.execution_id.in_(ids)
+    linked = conn.scalars(sa.select(checkpoint_blobs.c.hash).where(mine)).all()
+    hashes = [h for h in linked if h not in keep]
+    if not hashes:
+        return 0
+    removed = 0
+    for i in range(0, len(hashes), 500):
+        part = hashes[i : i + 500]
+        conn.execute(sa.delete(checkpoint_blobs).where(mine, checkpoint_blobs.c.hash.in_(part)))
+        removed += (
+            conn.execute(
+                sa.delete(blobs).where(
+                    blobs.c.hash.in_(part),
+                    blobs.c.used_at < utcnow() - BLOB_GRACE,
+                    ~sa.exists().where(checkpoint_blobs.c.hash == blobs.c.hash),
+                )
+            ).rowcount
+            or 0
+        )
+    return removed

@@ -160,6 +160,7 @@ class Store:
     latest_decoded = _Verb("checkpoints")
     chain_rows = _Verb("checkpoints")
     blob_texts = _Verb("checkpoints")
+    trim_history = _Verb("checkpoints")
     latest_snapshot_ids = _Verb("checkpoints")
     delete_checkpoints = _Verb("checkpoints")
     history = _Verb("checkpoints")
