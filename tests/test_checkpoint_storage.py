@@ -163,7 +163,7 @@ def test_the_context_read_back_at_every_step_is_the_one_written(
         # and every row from the store, as a fresh reader reads it
         history = await store.history(ex_id)
         assert len(history) == len(written)
-        for record, (key, want) in zip(history, written, strict=True):
+        for record, (_key, want) in zip(history, written, strict=True):
             at = await store.checkpoint_at(ex_id, seq=record.seq)
             assert json.dumps(json.loads(at.snapshot)["context"], sort_keys=True) == want
         await p.close()

@@ -394,4 +394,3 @@ def test_config_cache_hands_each_machine_its_own_exact_copy():
         assert "mutated" not in cache.get(key)["data"] and "mutated" not in two["data"]
     assert type(cache.get("yaml-only")["data"]["when"]).__name__ == "date"
     assert 1 in cache.get("yaml-only")["data"]
-
