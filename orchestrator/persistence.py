@@ -396,6 +396,7 @@ class FencedPersistence(PersistenceBackend):
     async def delete(self, key: str) -> None:
         execution_id, name = split_key(key)
         await self.flush()
+        self._chains.pop(execution_id, None)  # the next row is stored whole
         if name != LATEST:
             await self.store.delete_checkpoints(execution_id, key)
 
@@ -418,6 +419,7 @@ class FencedPersistence(PersistenceBackend):
 
     async def delete_execution(self, execution_id: str) -> None:
         await self.flush()
+        self._chains.pop(execution_id, None)
         await self.store.delete_checkpoints(execution_id)
 
 

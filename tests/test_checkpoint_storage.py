@@ -446,3 +446,24 @@ def test_a_history_window_that_is_not_a_positive_integer_is_refused_at_submit(st
     with pytest.raises(UserError, match="'settings: history' must be a positive whole number"):
         run_async(Client(store).submit(_loop_machine(tmp_path / "m.yml", 3, bad), {}))
     assert run_async(store.list_executions()) == []
+
+
+def test_deleting_a_checkpoint_leaves_every_other_one_readable(store, tmp_path):
+    ex_id, claim = _claimed(store, tmp_path)
+
+    async def go():
+        p = FencedPersistence(store, claim, linger=3600)
+        keys = [
+            await _save(p, ex_id, step, "state_exit", {"n": step, "k": [1] * step})
+            for step in (1, 2, 3, 4)
+        ]
+        await p.delete(keys[1])
+        keys.append(await _save(p, ex_id, 5, "state_exit", {"n": 5, "k": [1] * 5}))
+        await p.close()
+        return keys
+
+    run_async(go())
+    assert [h.step for h in run_async(store.history(ex_id))] == [1, 3, 4, 5]
+    for step in (1, 3, 4, 5):
+        at = run_async(store.checkpoint_at(ex_id, step))
+        assert json.loads(at.snapshot)["context"] == {"n": step, "k": [1] * step}

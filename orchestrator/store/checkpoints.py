@@ -23,7 +23,7 @@ from .fenced import FencedWrite, fenced_insert
 from .models import blobs, checkpoint_blobs, checkpoints, executions
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
-from .snapshots import FULL, Decoded, decode, hashes_of, parse
+from .snapshots import FULL, Decoded, decode, hashes_of, parse, whole
 
 # checkpoints taken before a state runs (persistence.py): not durable points
 PROGRESS_EVENTS = ("machine_start", "state_enter", "execute")
@@ -313,11 +313,33 @@ class Checkpoints:
         return await self.db.read(tx)
 
     async def delete_checkpoints(self, execution_id: str, key: str | None = None) -> None:
-        stmt = sa.delete(checkpoints).where(checkpoints.c.execution_id == execution_id)
+        """Delete an execution's checkpoints, or those saved under ``key``. A
+        delta row after a deleted one is stored whole first (it was written as
+        what changed since the deleted row), so every row left reads back."""
+        mine = checkpoints.c.execution_id == execution_id
+        stmt = sa.delete(checkpoints).where(mine)
         if key is not None:
             stmt = stmt.where(checkpoints.c.key == key)
 
         def tx(conn: sa.Connection) -> None:
+            if key is not None:
+                ids = conn.scalars(
+                    sa.select(checkpoints.c.id).where(mine, checkpoints.c.key == key)
+                ).all()
+                for row_id in ids:
+                    after = conn.execute(
+                        sa.select(checkpoints.c.id, checkpoints.c.delta)
+                        .where(mine, checkpoints.c.id > row_id)
+                        .order_by(checkpoints.c.id)
+                        .limit(1)
+                    ).first()
+                    if after is not None and after.delta != FULL and after.id not in ids:
+                        doc = read_snapshot(conn, execution_id, after.id)
+                        conn.execute(
+                            sa.update(checkpoints)
+                            .where(checkpoints.c.id == after.id)
+                            .values(snapshot=whole(doc.doc, doc.n), delta=FULL)
+                        )
             conn.execute(stmt)
 
         await self.db.write(tx)

@@ -434,6 +434,12 @@ def _pack_copy(value: Any, path: list[Any], refs: _Refs) -> Any:
     return value
 
 
+def whole(doc: dict[str, Any], n: int) -> bytes:
+    """A full row of a read-back document that keeps its place (``n``) in its
+    chain; its big strings held inline."""
+    return _body({"n": n, "s": doc})[0]
+
+
 # ---------------------------------------------------------------- decoding
 
 
