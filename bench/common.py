@@ -78,6 +78,12 @@ class Config:
     # W5 memory
     w5_sizes: tuple[int, int] = (100, 10_000)
     w5_concurrency: int = 4
+    # W9 agent loop
+    w9_turns: tuple[int, int] = (100, 200)
+    w9_executions: int = 4
+    w9_concurrency: int = 4
+    w9_repeats: int = 1  # W9's own repeats: one W9 run stays near 5 minutes
+    w9_kill_ttl: float = 2.0  # --lease-ttl of the worker that is killed at the last turn
 
     @classmethod
     def smoke(cls) -> Config:
@@ -94,6 +100,7 @@ class Config:
             w4_sizes=(200, 2_000),
             w4_cycles=50,
             w5_sizes=(20, 200),
+            w9_turns=(10, 20),
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -43,6 +43,7 @@ WORKLOADS = {
     "W6": "bench.w6_io",
     "W7": "bench.w7_latency",
     "W8": "bench.w8_cli",
+    "W9": "bench.w9_agent_loop",
 }
 
 
@@ -59,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-url", help="PostgreSQL (SQLAlchemy URL); default ORCH_TEST_POSTGRES_URL")
     p.add_argument("--out", type=Path, help="report path (default bench/RESULTS.md)")
     p.add_argument("--keep-temp", action="store_true", help="keep each run's temp dir")
+    p.add_argument(
+        "--label",
+        help="what this run measured, shown with its sections, e.g. 'before the storage change'",
+    )
     g = p.add_argument_group("W1")
     g.add_argument("--w1-n", type=int, help="executions (default 500)")
     g.add_argument("--w1-orch", help="(c) arrangement WORKERSxCONCURRENCY (default 2x4)")
@@ -76,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--w4-sizes", help="W4 backlog sizes SMALL,LARGE (default 1000,100000)")
     g.add_argument("--w4-cycles", type=int, help="W4 claim+finish cycles timed (default 500)")
     g.add_argument("--w5-sizes", help="W5 execution counts SMALL,LARGE (default 100,10000)")
+    g = p.add_argument_group("W9")
+    g.add_argument("--w9-turns", help="W9 turns per execution SMALL,LARGE (default 100,200)")
+    g.add_argument(
+        "--w9-repeats", type=int, help="W9 runs per figure (default 1: one W9 run is ~5 min)"
+    )
     return p.parse_args(argv)
 
 
@@ -110,6 +120,11 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.w5_sizes:
         a, b = (int(x) for x in args.w5_sizes.split(","))
         cfg.w5_sizes = (a, b)
+    if args.w9_turns:
+        a, b = (int(x) for x in args.w9_turns.split(","))
+        cfg.w9_turns = (a, b)
+    if args.w9_repeats:
+        cfg.w9_repeats = args.w9_repeats
     return cfg
 
 
@@ -180,9 +195,10 @@ def render(results: list[dict], quick: bool) -> str:
     out += ["", "## Targets", "", "| workload | figure | value | target | |"]
     out.append("|---|---|---|---|---|")
     for res in results:
+        wid = f"{res['id']} ({res['label']})" if res.get("label") else res["id"]
         for r in res["ratios"]:
             out.append(
-                f"| {res['id']} | {r['label']} | {fmt_value(r)} | {fmt_target(r)} | {verdict(r)} |"
+                f"| {wid} | {r['label']} | {fmt_value(r)} | {fmt_target(r)} | {verdict(r)} |"
             )
     history = BENCH / "OPTIMISATIONS.md"
     if history.exists() and not quick:
@@ -195,7 +211,8 @@ def render(results: list[dict], quick: bool) -> str:
     out += ["", "## Failures", ""]
     out += [f"- {wid}: {f['what']} — see below" for wid, f in failed] or ["None."]
     for res in results:
-        out += ["", f"## {res['title']}", ""]
+        label = f", {res['label']}" if res.get("label") else ""
+        out += ["", f"## {res['title']}{label}", ""]
         out.append(
             f"Ran {res['started_at']} for {res['seconds']} s ({res['mode']} sizes); load "
             f"average before {', '.join(fmt(x) for x in res['load_before'])}, after "
@@ -281,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             result.finish(started)
         data = result.as_dict()
         data.update(mode=mode, machine=machine_info(), versions=vers, config=cfg.as_dict())
+        if args.label:
+            data["label"] = args.label
         (store_dir / f"{wid}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         for r in data["ratios"]:
             print(f"  {r['label']}: {fmt_value(r)} (target {fmt_target(r)}) {verdict(r)}")

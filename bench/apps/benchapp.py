@@ -2,7 +2,8 @@
 
 ``add`` adds 1 to ``context.counter`` (the 3-step workflow, W1/W2/W4/W5);
 ``slow`` sleeps ``context.sleep`` seconds without blocking the event loop, then
-adds 1 (W3 kills a worker in the middle of it).
+adds 1 (W3 kills a worker in the middle of it). ``agent``: W9's agent loop
+(bench/apps/agentloop.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 
 from flatmachines import HooksRegistry, MachineHooks
+
+from bench.apps.agentloop import AgentLoopHooks
 
 
 class BenchHooks(MachineHooks):
@@ -25,6 +28,7 @@ class BenchHooks(MachineHooks):
 def make_registry() -> HooksRegistry:
     registry = HooksRegistry()
     registry.register("bench", BenchHooks)
+    registry.register("agent", AgentLoopHooks)
     return registry
 
 
