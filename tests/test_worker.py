@@ -645,3 +645,46 @@ def test_a_run_interrupted_while_the_worker_gives_back_others_is_given_back_too(
     # each was given back and claimed afresh; neither was taken as a crash's
     for ex in rows.values():
         assert (ex.fence, ex.recoveries, ex.attempt) == (2, 0, 1), ex
+
+
+def test_sigkill_after_every_step_of_a_delta_chain_resumes_exactly(
+    db_url, store, tmp_path, effects, workers
+):
+    """Each execution's worker dies right after a different state's exit, in
+    the middle of a chain of rows that store what changed: every one resumes
+    from the row it died after, runs no committed state again, and ends with
+    the history it built."""
+    import sqlalchemy as sa
+
+    from orchestrator.store.models import checkpoints
+
+    n = 5
+    machine = chain_machine(tmp_path / "agent.yml", ["answer"] * n, context={"history": []})
+    ids = submit(db_url, machine, [{"crash_after": f"s{k}"} for k in range(1, n + 1)])
+    for _ in range(n):  # each worker dies on the first crash it meets
+        w = workers(
+            db_url, "--app", "testapp", "--burst", "--concurrency", "1", **worker_env(effects)
+        )
+        assert w.wait() == -signal.SIGKILL
+    wait_until(
+        lambda: all(get(store, i).status != "running" or lease_expired(store, i) for i in ids),
+        what="the dead workers' leases expired",
+    )
+    last = workers(db_url, "--app", "testapp", "--burst", **worker_env(effects))
+    assert last.wait() == 0
+    for ex_id in ids:
+        ex = get(store, ex_id)
+        assert ex.status == "completed" and ex.output["acc"] == n
+        assert runs_per_state(effects, ex_id) == Counter({f"s{k}": 1 for k in range(1, n + 1)})
+        at = run_async(store.checkpoint_at(ex_id))
+        import json
+
+        history = json.loads(at.snapshot)["context"]["history"]
+        assert history == [f"answer {k} " + "z" * 1500 for k in range(n)]
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            deltas = conn.scalar(sa.select(sa.func.count()).where(checkpoints.c.delta == 1))
+    finally:
+        engine.dispose()
+    assert deltas > 0  # the rows resumed from were deltas

@@ -58,6 +58,9 @@ class EffectsHooks(MachineHooks):
                 await asyncio.sleep(0.02)
         elif action_name == "fail":
             raise RuntimeError("the workflow failed on purpose")
+        elif action_name == "answer":  # an agent's turn: one more long answer in its history
+            turn = len(context.get("history") or [])
+            context["history"] = [*(context.get("history") or []), f"answer {turn} " + "z" * 1500]
         elif action_name == "grow":  # a context of about input.grow bytes
             context["blob"] = "x" * int(context.get("grow") or 0)
         elif action_name == "probe":  # the worker process's settings, for a test
