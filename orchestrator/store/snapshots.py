@@ -412,7 +412,8 @@ def encode_full_from_copy(chain: Chain, new: dict[str, Blob] | None = None) -> t
     data, raw = _body(body)
     # the new chain knows the big strings its document holds (the others are
     # let go of: one named again is written again, which is safe)
-    blobs = tuple(b for h, b in refs.new.items() if h in set(refs.met.values()))
+    named = set(refs.met.values())
+    blobs = tuple(b for h, b in refs.new.items() if h in named)
     return Stored(data, FULL, blobs, raw), Chain(
         n=0, doc=chain.doc, full_bytes=len(data), hashes=refs.met
     )
