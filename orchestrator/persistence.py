@@ -177,10 +177,14 @@ class FencedPersistence(PersistenceBackend):
         if self.broken is not None:
             raise self.broken
         chain = self._chains.pop(execution_id, None)  # spent if anything below fails
-        only = _HEADER_ONLY if same_context and chain is not None else None
-        stored, chain = snapshots.encode(chain, doc, only=only)
-        self._within_limit(execution_id, chain, stored, doc)
-        self._chains[execution_id] = chain
+        stored = snapshots.encode_plain(doc) if chain is None else None
+        if stored is not None and stored.raw > self.store.settings.max_context_bytes:
+            context_within_limit(doc.get("context"), self.store.settings.max_context_bytes)
+        if stored is None:  # not short (or never was): what changed since the last row
+            only = _HEADER_ONLY if same_context and chain is not None else None
+            stored, chain = snapshots.encode(chain, doc, only=only)
+            self._within_limit(execution_id, chain, stored, doc)
+            self._chains[execution_id] = chain
         row = CheckpointRow(
             execution_id=execution_id,
             key=key,
@@ -212,7 +216,9 @@ class FencedPersistence(PersistenceBackend):
     def adopt(self, execution_id: str, decoded: snapshots.Decoded) -> None:
         """The execution's last stored row, read back (a resume): the next
         row stores what changed since it."""
-        self._chains[execution_id] = snapshots.chain_of(decoded)
+        if decoded.full_bytes + decoded.delta_bytes > snapshots.PLAIN_MAX:
+            self._chains[execution_id] = snapshots.chain_of(decoded)
+        # else a short one: the next row is stored whole again, if it is short
 
     async def _save(self, row: CheckpointRow) -> None:
         execution_id, event = row.execution_id, row.event

@@ -21,6 +21,10 @@ from orchestrator.store.models import blobs, checkpoint_blobs, checkpoints
 from .conftest import chain_machine, run_async
 
 
+# a context this big is stored as what changed (a short one whole)
+_PAD = {"pad": "".join(f"{i:04d}" for i in range(600))}
+
+
 def _same(a, b) -> bool:
     """JSON's equality: 1, 1.0 and true differ, and so do 0.0 and -0.0."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -139,16 +143,17 @@ def _change(context: dict, kind: str, key: str, value, k: int) -> None:
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(changes=_CHANGES, durable_every=st.integers(1, 4))
+@given(changes=_CHANGES, durable_every=st.integers(1, 4), padded=st.booleans())
 def test_the_context_read_back_at_every_step_is_the_one_written(
-    store, tmp_path_factory, changes, durable_every
+    store, tmp_path_factory, changes, durable_every, padded
 ):
     tmp = tmp_path_factory.mktemp("prop")
     ex_id, claim = _claimed(store, tmp)
 
     async def go():
         p = FencedPersistence(store, claim, linger=3600)
-        context: dict = {"history": []}
+        # a short snapshot is stored whole; a padded one as what changed
+        context: dict = {"history": [], **({"pad": "p" * 800 + "q" * 800} if padded else {})}
         written: list[tuple[str, str]] = []  # (key, the context's JSON)
         for step, change in enumerate(changes, start=1):
             _change(context, *change)
@@ -319,7 +324,7 @@ def test_a_delta_that_does_not_follow_its_row_is_refused_on_read(store, tmp_path
     async def go():
         p = FencedPersistence(store, claim, linger=3600)
         for step in (1, 2, 3):
-            await _save(p, ex_id, step, "state_exit", {"n": step})
+            await _save(p, ex_id, step, "state_exit", {"n": step, **_PAD})
         await p.close()
 
     run_async(go())
@@ -454,11 +459,11 @@ def test_deleting_a_checkpoint_leaves_every_other_one_readable(store, tmp_path):
     async def go():
         p = FencedPersistence(store, claim, linger=3600)
         keys = [
-            await _save(p, ex_id, step, "state_exit", {"n": step, "k": [1] * step})
+            await _save(p, ex_id, step, "state_exit", {"n": step, "k": [1] * step, **_PAD})
             for step in (1, 2, 3, 4)
         ]
         await p.delete(keys[1])
-        keys.append(await _save(p, ex_id, 5, "state_exit", {"n": 5, "k": [1] * 5}))
+        keys.append(await _save(p, ex_id, 5, "state_exit", {"n": 5, "k": [1] * 5, **_PAD}))
         await p.close()
         return keys
 
@@ -466,4 +471,4 @@ def test_deleting_a_checkpoint_leaves_every_other_one_readable(store, tmp_path):
     assert [h.step for h in run_async(store.history(ex_id))] == [1, 3, 4, 5]
     for step in (1, 3, 4, 5):
         at = run_async(store.checkpoint_at(ex_id, step))
-        assert json.loads(at.snapshot)["context"] == {"n": step, "k": [1] * step}
+        assert json.loads(at.snapshot)["context"] == {"n": step, "k": [1] * step, **_PAD}

@@ -59,6 +59,10 @@ MIN_FULL = 512
 MAX_CHAIN = 256
 # a stored body this long is compressed, when that saves a tenth or more
 COMPRESS_AT = 512
+# a snapshot this short (bytes of its JSON text) is stored whole, as the
+# library's text: encoding it whole costs less than finding what changed,
+# and a chain would save little
+PLAIN_MAX = 2048
 
 _TAG_PLAIN, _TAG_ZLIB = b"j", b"z"
 
@@ -331,6 +335,19 @@ def _body(obj: dict[str, Any]) -> tuple[bytes, int]:
     return _TAG_PLAIN + text, len(text)
 
 
+def encode_plain(doc: dict[str, Any]) -> Stored | None:
+    """A short snapshot stored whole as the library's JSON text (a full row a
+    chain may go on from), or None if it is not short."""
+    try:
+        text = json.dumps(doc)
+    except (TypeError, ValueError, RecursionError, OverflowError) as exc:
+        raise NotJSON(str(exc)) from exc
+    if len(text) > PLAIN_MAX:
+        return None
+    data = text.encode("utf-8", "surrogatepass")
+    return Stored(data, FULL, (), len(data))
+
+
 def encode_full(
     doc: dict[str, Any], n: int = 0, hashes: dict[str, str] | None = None
 ) -> tuple[Stored, Chain]:
@@ -454,7 +471,7 @@ def parse(data: bytes) -> dict[str, Any]:
     data = bytes(data)
     tag = data[:1]
     if tag == b"{":
-        return {"n": 0, "s": json.loads(data)}
+        return {"n": 0, "s": json.loads(data.decode("utf-8", "surrogatepass"))}
     if tag == _TAG_PLAIN:
         return json.loads(data[1:].decode("utf-8", "surrogatepass"))
     if tag == _TAG_ZLIB:
