@@ -12,18 +12,23 @@ condition again, so an execution retried (queued again) after it was chosen
 stays. An id submitted again after its prune is a new execution: nothing of
 the old one is left to be returned. Configs are kept by hash for whoever
 submits them again and are not removed here.
+
+Beside executions, a prune removes the rows of flatmachines' contracts that
+belong to no execution: results written before the same cut-off (a result is
+finished when it is written) and locks whose time ran out (they hold nothing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import sqlalchemy as sa
 
+from ..clock import utcnow
 from .db import Database
-from .models import FINAL_STATUSES, checkpoints, executions, signals
+from .models import FINAL_STATUSES, checkpoints, executions, locks, results, signals
 
 BATCH = 200  # executions a transaction removes
 
@@ -33,6 +38,8 @@ class Pruned:
     executions: int = 0
     checkpoints: int = 0
     signals: int = 0
+    results: int = 0
+    locks: int = 0
 
 
 def _prunable(before: datetime, statuses: Sequence[str]) -> sa.ColumnElement[bool]:
@@ -69,7 +76,8 @@ class Retention:
             raise ValueError(f"not a finished status: {sorted(bad)}")
         condition = _prunable(before, statuses)
         if dry_run:
-            return await self.db.read(lambda conn: self._count(conn, condition, limit))
+            counted = await self.db.read(lambda conn: self._count(conn, condition, limit))
+            return replace(counted, **await self.db.read(lambda conn: _leftovers(conn, before)))
         total = Pruned()
         while limit is None or total.executions < limit:
             size = BATCH if limit is None else min(BATCH, limit - total.executions)
@@ -77,7 +85,8 @@ class Retention:
             total = Pruned(*(a + b for a, b in zip(_fields(total), _fields(done), strict=True)))
             if done.executions < size:
                 break
-        return total
+        swept = await self.db.write(lambda conn: _leftovers(conn, before, delete=True))
+        return replace(total, **swept)
 
     @staticmethod
     def _count(conn: sa.Connection, condition: sa.ColumnElement[bool], limit: int | None) -> Pruned:
@@ -118,3 +127,18 @@ class Retention:
 
 def _fields(p: Pruned) -> tuple[int, int, int]:
     return (p.executions, p.checkpoints, p.signals)
+
+
+def _leftovers(conn: sa.Connection, before: datetime, *, delete: bool = False) -> dict[str, int]:
+    """Results written before ``before`` and expired locks: counted, or removed."""
+    old_results = results.c.created_at < before
+    expired = locks.c.expires_at <= utcnow()
+    if not delete:
+        return {
+            "results": conn.scalar(sa.select(sa.func.count()).where(old_results)) or 0,
+            "locks": conn.scalar(sa.select(sa.func.count()).where(expired)) or 0,
+        }
+    return {
+        "results": conn.execute(sa.delete(results).where(old_results)).rowcount or 0,
+        "locks": conn.execute(sa.delete(locks).where(expired)).rowcount or 0,
+    }
