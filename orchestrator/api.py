@@ -373,6 +373,8 @@ class Orchestrator:
             "executions": done.executions,
             "checkpoints": done.checkpoints,
             "signals": done.signals,
+            "results": done.results,
+            "locks": done.locks,
         }
 
     async def queues(self) -> list[schemas.QueueStats]:

@@ -51,6 +51,25 @@ def execution_id(value: Any, what: str = "an execution id") -> str:
     return bounded_text(value, what, ID_LENGTH)
 
 
+# An execution id names its checkpoints ('<execution id>/<name>'), so it must
+# read as one, whatever a store behind the keys does with paths. Any other
+# character is allowed: an id is shown literally wherever it is shown.
+ID_RULE = "no part between '/' that is empty, '.' or '..'"
+
+
+def unsafe_id(value: str) -> bool:
+    """An id that cannot name checkpoints (path-like: '../etc', 'a//b', '/x')."""
+    return any(part in ("", ".", "..") for part in value.split("/"))
+
+
+def new_execution_id(value: Any, what: str = "--id") -> str:
+    """An id for a new execution: ``execution_id``, and one that names checkpoints."""
+    execution_id(value, what)
+    if unsafe_id(value):
+        raise UserError(f"{what} must have {ID_RULE}")
+    return value
+
+
 def queue_name(value: Any, what: str = "--queue") -> str:
     return bounded_text(value, what, QUEUE_LENGTH)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -32,6 +33,9 @@ from flatmachines.backends import parse_uri
 from flatmachines.flatmachine import WaitingForSignal
 from flatmachines.persistence import config_hash
 
+from . import checks
+from .checks import unsafe_id
+from .persistence import runner_wait
 from .routing import needs_of
 from .store import Claim, Execution, NewExecution, Store
 
@@ -55,43 +59,115 @@ def outcome(ex: Execution) -> Any:
 
 def child_id(parent_id: str, group: str, key: Any) -> str:
     full = f"{group}/{key}"
-    if len(full) <= MAX_ID:
+    if len(full) <= MAX_ID and not unsafe_id(full):  # a key such as '..' or '' is hashed
         return full
     digest = hashlib.sha256(full.encode()).hexdigest()[:24]
     return f"{parent_id[: MAX_ID - 26]}~{digest}"
 
 
 class StoreResults:
-    """flatmachines' ``ResultBackend`` on the store: a result is an execution's
-    outcome (its output, or ``{"_error", "_error_type"}``), there once it ends."""
+    """flatmachines' ``ResultBackend`` on the store.
+
+    ``flatagents://{id}/result`` of an execution of the store is that
+    execution's outcome (its output, or ``{"_error", "_error_type"}``), there
+    once it ends. Writing it is refused (ValueError): the outcome is recorded
+    when the execution finishes, by its worker, and no one else may set it.
+    Every other URI (the results of a plain FlatMachine's inline children,
+    whose ids are not executions) is kept in the ``results`` table, the last
+    write winning, as in the library's backends, until ``delete`` or retention
+    removes it. A write wakes readers blocked on its URI in this process at
+    once; a reader in another process sees it at its next look (``poll``
+    seconds). Data is stored as JSON: a value JSON cannot hold becomes its
+    string form, as an execution's output does.
+    """
 
     def __init__(self, store: Store, poll: float = 0.2):
         self.store = store
         self.poll = poll
+        self._waiting: dict[str, set[asyncio.Future]] = {}
 
     async def write(self, uri: str, data: Any) -> None:
-        raise ValueError(f"{uri}: an execution's result is its outcome, recorded when it finishes")
+        execution_id, path = _parts(uri)
+        value = json.loads(json.dumps(data, default=str))
+        checks.json_value(
+            value,
+            f"the result at {uri}",
+            limit=self.store.settings.max_context_bytes,
+            setting="ORCH_MAX_CONTEXT_BYTES",
+        )
+        outcome_of = execution_id if path == "result" else None
+        if not await self.store.write_result(uri, value, outcome_of=outcome_of):
+            raise ValueError(
+                f"{uri}: {execution_id} is an execution of this store, whose result is its "
+                "outcome, recorded when it finishes; write results of other ids only"
+            )
+        for waiter in self._waiting.pop(uri, ()):
+            waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
     async def read(self, uri: str, block: bool = True, timeout: float | None = None) -> Any:
-        execution_id, _ = parse_uri(uri)
+        _parts(uri)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            ex = await self.store.get(execution_id)
-            if ex is not None and ex.is_final:
-                return outcome(ex)
+            found, data = await self._look(uri)
+            if found:
+                return data
             if not block:
                 return None
-            if deadline is not None and loop.time() >= deadline:
-                raise TimeoutError(f"Timeout waiting for result at {uri}")
-            await asyncio.sleep(self.poll)
+            wait = self.poll
+            if deadline is not None:
+                wait = min(wait, deadline - loop.time())
+                if wait <= 0:
+                    raise TimeoutError(f"Timeout waiting for result at {uri}")
+            waiter = loop.create_future()
+            self._waiting.setdefault(uri, set()).add(waiter)
+            try:
+                await asyncio.wait_for(waiter, wait)
+            except TimeoutError:
+                pass
+            finally:
+                waiters = self._waiting.get(uri)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiting[uri]
+
+    async def _look(self, uri: str) -> tuple[bool, Any]:
+        execution_id, path = _parts(uri)
+        if path == "result":
+            ex = await self.store.get(execution_id)
+            if ex is not None:
+                return (True, outcome(ex)) if ex.is_final else (False, None)
+        return await self.store.read_result(uri)
 
     async def exists(self, uri: str) -> bool:
-        ex = await self.store.get(parse_uri(uri)[0])
-        return ex is not None and ex.is_final
+        return (await self._look(uri))[0]
 
     async def delete(self, uri: str) -> None:
-        return None  # an execution's record is kept
+        """Remove a written result; an execution's outcome is kept with its record."""
+        _parts(uri)
+        await self.store.delete_result(uri)
+
+
+MAX_URI = 600  # results.uri
+
+
+def _parts(uri: str) -> tuple[str, str]:
+    """(execution id, path) of a ``flatagents://{id}/{path}`` URI the store holds."""
+    if not isinstance(uri, str):
+        raise ValueError(f"a result URI is a string, not {type(uri).__name__}")
+    execution_id, path = parse_uri(uri)
+    if not execution_id or not path or len(uri) > MAX_URI or "\x00" in uri:
+        raise ValueError(
+            f"invalid result URI {uri[:100]!r}: flatagents://<execution id>/<path>, "
+            f"at most {MAX_URI} characters"
+        )
+    return execution_id, path
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class StoreInvoker(QueueInvoker):
@@ -166,7 +242,8 @@ class ChildrenOnTheStore:
         group = self._group()
         ids = {key: child_id(self.execution_id, group, key) for key, _, _ in specs}
         # the group's signal, if sent: taken now, consumed with this state's progress
-        await self.signal_backend.consume(group)
+        with runner_wait():
+            await self.signal_backend.consume(group)
         members = {m.id: m for m in await self.invoker.store.group_members(group)}
         if len(members) < len(specs):
             # each machine is pinned once, not once per item (a foreach over

@@ -337,10 +337,10 @@ def submit(
     async def body() -> int:
         checks.submit_options(**options)
         if execution_id is not None:
-            checks.execution_id(execution_id, "--id")
+            checks.new_execution_id(execution_id, "--id")
         given, count = read_inputs(input_json, input_file, check)
         if count is not None and execution_id is not None:
-            checks.execution_id(f"{execution_id}-{count}", "--id with the line numbers it gets")
+            checks.new_execution_id(f"{execution_id}-{count}", "--id with the line numbers it gets")
         # check the machine before opening the store: bad input writes nothing,
         # not even a new SQLite file or a schema
         config = load_machine_file(machine, allow_outside_refs=allow_outside_refs)

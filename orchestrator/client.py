@@ -90,7 +90,7 @@ class Client:
     ) -> Submitted:
         """Enqueue one execution. The same ``id`` again returns the existing one."""
         if id is not None:
-            checks.execution_id(id, "--id")
+            checks.new_execution_id(id, "--id")
         [submitted] = await self.submit_many(
             machine,
             [{} if input is None else input],
@@ -126,7 +126,7 @@ class Client:
         for i, item in enumerate(inputs):
             self.check_input(item, f"input #{i + 1}")
             if ids is not None:
-                checks.execution_id(ids[i])
+                checks.new_execution_id(ids[i], f"id #{i + 1}")
         out: list[Submitted] = []
         async for batch in self.submit_batches(machine, inputs, ids=ids, **options):
             out.extend(batch)
@@ -167,7 +167,7 @@ class Client:
                     new_id = next(id_of, None)
                     if new_id is None:
                         raise UserError("ids and inputs differ in length")
-                    checks.execution_id(new_id)
+                    checks.new_execution_id(new_id, f"id #{n}")
                 rows.append(
                     NewExecution(
                         id=new_id,
@@ -309,7 +309,7 @@ class Client:
         context unchanged it runs only the states after that step."""
         checks.integer(from_step, "--from-step", low=0)
         if id is not None:
-            checks.execution_id(id, "--id")
+            checks.new_execution_id(id, "--id")
         if queue is not None:
             checks.queue_name(queue)
         if context_patch is not None:
@@ -324,7 +324,7 @@ class Client:
             else:  # the store names the steps there are
                 config = await self._repin(machine, execution_id, None, None)
         new_id = id or f"{execution_id}-fork-{uuid.uuid4().hex[:8]}"
-        checks.execution_id(new_id, "the fork's id (ID-fork-XXXXXXXX: pass a shorter --id)")
+        checks.new_execution_id(new_id, "the fork's id (ID-fork-XXXXXXXX: pass a shorter --id)")
         return await self.store.fork(
             execution_id,
             step=from_step,

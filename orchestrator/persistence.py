@@ -9,9 +9,16 @@ never overwrite the new owner's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
+import os
+import re
+import socket
 import time
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,11 +68,28 @@ _HEADER_ONLY = (
 )
 
 
+# the last part of a key: 'latest', 'step_000003_state_exit.json'
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+KEY_RULE = (
+    "a checkpoint key is '<execution id>/<name>': the name of letters, digits, '_', '.' "
+    "and '-' (such as 'step_000003_state_exit.json' or 'latest'), the execution id of at "
+    f"most {checks.ID_LENGTH} characters, with {checks.ID_RULE}"
+)
+
+
 def split_key(key: str) -> tuple[str, str]:
-    """'<execution id>/<name>' -> (execution id, name)."""
+    """'<execution id>/<name>' -> (execution id, name); ValueError naming the
+    rule for any other key (a path such as '../etc/passwd' is none)."""
+    if not isinstance(key, str):
+        raise ValueError(f"invalid checkpoint key {key!r}: {KEY_RULE}")
     execution_id, _, name = key.rpartition("/")
-    if not execution_id or not name:
-        raise ValueError(f"invalid checkpoint key: {key!r}")
+    if (
+        not execution_id
+        or len(execution_id) > checks.ID_LENGTH
+        or not _NAME.fullmatch(name)
+        or checks.unsafe_id(execution_id)
+    ):
+        raise ValueError(f"invalid checkpoint key {key!r}: {KEY_RULE}")
     return execution_id, name
 
 
@@ -126,10 +150,19 @@ class FencedPersistence(PersistenceBackend):
             target = bytes(value).decode("utf-8").strip()
             if self._last_saved.get(execution_id) == target:
                 return  # already the newest row: the pointer is written with it
+            if split_key(target)[0] != execution_id:
+                raise ValueError(
+                    f"{key} names {target!r}, a snapshot of another execution: "
+                    "a latest pointer names one of its own execution's snapshots"
+                )
             snapshot = await self.load(target)
             if snapshot is None:
-                raise ValueError(f"latest pointer names a missing snapshot: {target}")
-            value, key = snapshot, target
+                raise ValueError(
+                    f"{key} names {target}, which is not saved: in this store the latest "
+                    "snapshot is the one saved last, not a pointer of its own, so the "
+                    "pointer can only name a saved snapshot (save it first)"
+                )
+            value, key = snapshot, target  # saved again: it is the newest now
         doc = json.loads(value)
         if not isinstance(doc, dict):
             raise ValueError(f"a snapshot is a JSON object, not {type(doc).__name__}: {key}")
@@ -400,11 +433,32 @@ class FencedPersistence(PersistenceBackend):
         return json.dumps(snapshots.decode(stored, lookup).doc).encode("utf-8")
 
     async def delete(self, key: str) -> None:
+        """Delete a snapshot; safe when it does not exist. Here the latest is the
+        newest snapshot, not a pointer that can go while the snapshots stay, so
+        ``<id>/latest``, and the latest snapshot while older ones exist (which
+        would silently become the latest), are refused with ValueError while
+        the execution has snapshots."""
         execution_id, name = split_key(key)
         await self.flush()
         self._chains.pop(execution_id, None)  # the next row is stored whole
-        if name != LATEST:
-            await self.store.delete_checkpoints(execution_id, key)
+        latest = await self.load(f"{execution_id}/{LATEST}")
+        if name == LATEST:
+            if latest is not None:
+                raise ValueError(
+                    f"cannot delete {key}: in this store the latest snapshot is the one "
+                    "saved last, not a pointer of its own; delete the whole execution "
+                    f"(delete_execution('{execution_id}'))"
+                )
+            return
+        if latest is not None and latest.decode("utf-8") == key:
+            if len(await self.store.history(execution_id)) > 1:
+                raise ValueError(
+                    f"cannot delete {key}: it is the latest snapshot, and in this store the "
+                    "latest is the one saved last, so the one before it would become the "
+                    "latest (the library's backends are left with none); delete the whole "
+                    f"execution (delete_execution('{execution_id}'))"
+                )
+        await self.store.delete_checkpoints(execution_id, key)
 
     async def list_execution_ids(
         self, *, event: str | None = None, waiting_channel: str | None = None
@@ -424,6 +478,7 @@ class FencedPersistence(PersistenceBackend):
         return out
 
     async def delete_execution(self, execution_id: str) -> None:
+        split_key(f"{execution_id}/{LATEST}")  # an id that names checkpoints
         await self.flush()
         self._chains.pop(execution_id, None)
         await self.store.delete_checkpoints(execution_id)
@@ -440,24 +495,85 @@ def _taken_at(raw: object) -> datetime | None:
     return at.astimezone(UTC).replace(tzinfo=None) if at.tzinfo else at
 
 
-class StoreSignals:
-    """flatmachines' ``SignalBackend`` for one claimed run, on the store.
+# Set by the runner (runner.PinnedMachine) around the one consume of a wait
+# state or a child group: only that consume reserves; every other consume
+# removes the signal at once (StoreSignals).
+_RUNNER_WAIT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "orch_runner_wait", default=False
+)
 
-    ``consume`` takes a signal under the run's claim; it is consumed when the
-    wait state's progress commits (so a crash in between loses neither). A
-    timer channel (``sleep:`` / ``until:``, see timers.py) yields its wake-up
-    once its time has come; a signal wait whose deadline (the state's
-    ``timeout``) has passed yields ``{"timed_out": true}``, unless a signal was
-    sent before the deadline.
+
+@contextlib.contextmanager
+def runner_wait() -> Iterator[None]:
+    """The consumes inside are the runner's wait (see StoreSignals)."""
+    token = _RUNNER_WAIT.set(True)
+    try:
+        yield
+    finally:
+        _RUNNER_WAIT.reset(token)
+
+
+class StoreSignals:
+    """flatmachines' ``SignalBackend`` on the store.
+
+    ``consume`` takes the oldest free signal of the channel (first in, first
+    out) and removes it in one transaction, as the library's backends do: the
+    next consume, ``peek`` or ``channels`` no longer sees it. So it is for the
+    library's ``SignalDispatcher``, a plain FlatMachine's ``wait_for`` and a
+    hook. A signal that the store has given to an execution waiting on its
+    channel is that execution's, and no other consume takes it.
+
+    With a claim (``StoreSignals(store, claim, persistence)``), every consume
+    is fenced by the claim (LeaseLost if it moved). The one consume that is the
+    runner's own wait (a ``wait_for`` state or a child group, marked with
+    ``runner_wait()``) keeps the exactly-once protocol instead: the signal is
+    taken under the claim and consumed when the wait state's progress commits,
+    so a crash in between loses neither. Inside such a wait, a timer channel
+    (``sleep:`` / ``until:``, see timers.py) yields its wake-up once its time
+    has come; a signal wait whose deadline (the state's ``timeout``) has passed
+    yields ``{"timed_out": true}``, unless a signal was sent before the
+    deadline. Timers are the runner's: a timer channel outside its wait is
+    refused (ValueError).
     """
 
-    def __init__(self, store: Store, claim: Claim, persistence: FencedPersistence):
+    def __init__(
+        self,
+        store: Store,
+        claim: Claim | None = None,
+        persistence: FencedPersistence | None = None,
+    ):
+        if claim is not None and persistence is None:
+            raise ValueError("a StoreSignals with a claim needs that claim's FencedPersistence")
         self.store = store
         self.claim = claim
         self.persistence = persistence
 
     async def consume(self, channel: str) -> Signal | None:
         checks.channel(channel)  # a rendered channel the store cannot hold is the state's error
+        if self.claim is not None and _RUNNER_WAIT.get():
+            return await self._take_for_wait(channel)
+        if timers.is_timer(channel):
+            raise ValueError(
+                f"{channel!r} is a timer channel: timers (sleep:/until:) are kept by the "
+                "orchestrator's runner for the wait_for states it runs, not consumed as signals"
+            )
+        ex = self.claim.execution if self.claim is not None else None
+        try:
+            record = await self.store.consume_signal(
+                channel,
+                execution_id=ex.id if ex is not None else None,
+                fence=self.claim.fence if self.claim is not None else None,
+            )
+        except (LeaseLost, StoreUnavailable) as exc:
+            if self.persistence is not None:
+                self.persistence.broken = exc
+            raise
+        if record is None:
+            return None
+        return Signal(str(record.id), channel, record.data, _iso(record.created_at))
+
+    async def _take_for_wait(self, channel: str) -> Signal | None:
+        assert self.claim is not None and self.persistence is not None
         ex = self.claim.execution
         now = utcnow()
         # the wake-up time of the wait this run resumes, if it parked on this channel
@@ -505,31 +621,89 @@ def _iso(at: datetime | None) -> str:
 
 
 class FencedLock(ExecutionLock):
-    """The claim is the lock: acquiring succeeds while the claim's fence holds.
+    """flatmachines' ``ExecutionLock`` on the store.
 
-    Inline children (other execution ids) run under their parent's claim.
+    The claim's own key (its execution id) is locked by the claim itself:
+    acquiring it succeeds while the claim's fence holds, and the lease is
+    given up by the worker when it records the outcome, not by ``release``.
+    Every other key (and every key of a lock made without a claim) is a row
+    of the ``locks`` table (store/locks.py): ``acquire`` is non-blocking and
+    succeeds if the key is free, expired or this lock's own (acquiring it again
+    renews it); while held, the lock renews it every ``ttl / 3`` seconds; a
+    holder that crashed stops renewing, and after ``ttl`` seconds (the lease
+    TTL unless given) the key is free again. ``release`` deletes it, and is
+    safe for a key this lock does not hold. Each ``FencedLock`` is one holder.
     """
 
-    def __init__(self, store: Store, claim: Claim):
+    def __init__(self, store: Store, claim: Claim | None = None, *, ttl: float | None = None):
         self.store = store
         self.claim = claim
+        self.ttl = float(ttl if ttl is not None else store.settings.lease_ttl)
+        if not self.ttl > 0:
+            raise ValueError(f"a lock's ttl must be more than 0 seconds, not {ttl!r}")
+        self.holder = f"{socket.gethostname()[:100]}:{os.getpid()}:{uuid.uuid4().hex}"
+        self._renewing: dict[str, asyncio.Task] = {}
+
+    def _claims(self, key: str) -> bool:
+        return self.claim is not None and key == self.claim.execution.id
 
     async def acquire(self, key: str) -> bool:
-        if key != self.claim.execution.id:
-            return True
-        if time.monotonic() - self.claim.taken_at < self.store.settings.lease_ttl / 3:
-            # taken moments ago and no renewal due yet: the fence holds, and
-            # every write checks it again anyway
-            return True
-        return await self.store.holds_fence(key, self.claim.fence)
+        if self._claims(key):
+            assert self.claim is not None
+            if time.monotonic() - self.claim.taken_at < self.store.settings.lease_ttl / 3:
+                # taken moments ago and no renewal due yet: the fence holds, and
+                # every write checks it again anyway
+                return True
+            return await self.store.holds_fence(key, self.claim.fence)
+        _lock_key(key)
+        if not await self.store.acquire_lock(key, self.holder, self.ttl):
+            return False
+        if key not in self._renewing:
+            self._renewing[key] = asyncio.get_running_loop().create_task(self._renew(key))
+        return True
 
     async def release(self, key: str) -> None:
-        # The lease is given up by the worker when it records the outcome.
-        return None
+        if self._claims(key):
+            return None  # the lease is given up by the worker when it records the outcome
+        _lock_key(key)
+        task = self._renewing.pop(key, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.release_lock(key, self.holder)
+
+    async def _renew(self, key: str) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                if not await self.store.renew_lock(key, self.holder, self.ttl):
+                    log.warning("lock %r was lost: it expired and was taken by another", key)
+                    self._renewing.pop(key, None)
+                    return
+            except StoreUnavailable as exc:  # tried again at the next renewal
+                log.warning("lock %r not renewed: %s", key, exc)
+
+
+MAX_LOCK_KEY = 400  # locks.key
+
+
+def _lock_key(key: str) -> None:
+    if not isinstance(key, str) or not key or len(key) > MAX_LOCK_KEY or "\x00" in key:
+        raise ValueError(
+            f"invalid lock key {str(key)[:100]!r}: a non-empty string of at most "
+            f"{MAX_LOCK_KEY} characters, without NUL"
+        )
 
 
 class StoreConfigStore(ConfigStore):
-    """Machine configs by content hash, in the shared store."""
+    """Machine configs by content hash, in the shared store.
+
+    Like flatmachines' config stores, ``put`` keeps any text (a YAML mapping
+    or not) under its sha256, and ``put`` of the same text is a no-op. ``delete``
+    of a config an execution still runs is a no-op: the execution must be able
+    to resume with it (the library's stores delete it).
+    """
 
     def __init__(self, store: Store):
         self.store = store
@@ -547,11 +721,22 @@ class StoreConfigStore(ConfigStore):
 def _machine_name(raw: str) -> str:
     import yaml
 
+    from .safeyaml import YAMLTooBig, load
+
     try:
-        data = (yaml.safe_load(raw) or {}).get("data") or {}
-        return str(data.get("name") or "unnamed-machine")
-    except Exception:
+        parsed = load(raw)
+    except (yaml.YAMLError, YAMLTooBig):
         return "unnamed-machine"
+    data = parsed.get("data") if isinstance(parsed, dict) else None
+    name = data.get("name") if isinstance(data, dict) else None
+    return str(name)[:200] if name else "unnamed-machine"
 
 
-__all__ = ["FencedPersistence", "FencedLock", "StoreConfigStore", "StoreSignals", "split_key"]
+__all__ = [
+    "FencedLock",
+    "FencedPersistence",
+    "StoreConfigStore",
+    "StoreSignals",
+    "runner_wait",
+    "split_key",
+]

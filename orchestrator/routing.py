@@ -12,11 +12,15 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def hook_names(config: dict[str, Any]) -> frozenset[str]:
-    """Every hooks name a config refers to (lifecycle and per state)."""
-    data = config.get("data") or {}
+def hook_names(config: Any) -> frozenset[str]:
+    """Every hooks name a config refers to (lifecycle and per state); none in
+    a value that is not a machine's mapping (a config store holds any text)."""
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        return frozenset()
     refs: list[Any] = [data.get("lifecycle_hooks")]
-    for state in (data.get("states") or {}).values():
+    states = data.get("states")
+    for state in (states if isinstance(states, dict) else {}).values():
         if isinstance(state, dict):
             refs.append(state.get("hooks"))
     names: set[str] = set()
@@ -35,7 +39,7 @@ def hook_names(config: dict[str, Any]) -> frozenset[str]:
     return frozenset(names)
 
 
-def needs_of(config: dict[str, Any]) -> str:
+def needs_of(config: Any) -> str:
     """The canonical need of a config: its hook names, sorted, comma-joined."""
     return ",".join(sorted(hook_names(config)))
 

@@ -56,6 +56,7 @@ from .persistence import (
     FencedPersistence,
     StoreConfigStore,
     StoreSignals,
+    runner_wait,
 )
 from .retry import backoff_delay
 from .sandbox import TEMPLATES, GuardedExpressions, WorkflowRefused, refused
@@ -280,6 +281,11 @@ class PinnedMachine(ChildrenOnTheStore, FlatMachine):
 
     async def _execute_state(self, state_name: str, context: dict[str, Any]) -> Any:
         self.running_state = state_name  # a wait's deadline is its state's `timeout`
+        if (self.states.get(state_name) or {}).get("wait_for"):
+            # the state's one consume is this run's wait: reserved, consumed with
+            # its commit (a hook's consume elsewhere removes a signal at once)
+            with runner_wait():
+                return await super()._execute_state(state_name, context)
         return await super()._execute_state(state_name, context)
 
     def _not_the_workflows(self, error: BaseException) -> bool:

@@ -20,7 +20,6 @@ from orchestrator.store.models import blobs, checkpoint_blobs, checkpoints
 
 from .conftest import chain_machine, run_async
 
-
 # a context this big is stored as what changed (a short one whole)
 _PAD = {"pad": "".join(f"{i:04d}" for i in range(600))}
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 import yaml
 
 from ..clock import utcnow
 from ..routing import needs_of
+from ..safeyaml import YAMLTooBig, load
 from .db import Database
 from .models import configs, executions
 
@@ -19,9 +22,11 @@ class Configs:
         self, config_hash: str, machine_name: str, raw: str, needs: str | None = None
     ) -> str:
         """Keep a config by its hash, with what it needs (its hook names; parsed
-        from ``raw`` unless given)."""
+        from ``raw`` unless given). Any text is kept, as flatmachines' config
+        stores keep it: text that is not a machine's YAML mapping needs nothing
+        (and no execution can run it)."""
         if needs is None:
-            needs = needs_of(yaml.safe_load(raw) or {})
+            needs = needs_of(_parsed(raw))
         stmt = (
             self.db.insert(configs)
             .values(
@@ -54,3 +59,11 @@ class Configs:
             )
 
         await self.db.write(tx)
+
+
+def _parsed(raw: str) -> Any:
+    """The YAML of ``raw``, or None for text that is not YAML (or too big to be)."""
+    try:
+        return load(raw)
+    except (yaml.YAMLError, YAMLTooBig):
+        return None

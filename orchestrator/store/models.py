@@ -278,4 +278,31 @@ signals = Table(
     Index("ix_signals_assigned_to", "assigned_to"),
 )
 
+# flatmachines ExecutionLock on any key but a claim's own (persistence.FencedLock):
+# a row is a lock held until ``expires_at``; its holder renews it while it runs
+# and deletes it on release. An expired row holds nothing: the next acquire
+# takes it over, and retention removes it.
+locks = Table(
+    "locks",
+    metadata,
+    Column("key", String(400), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("acquired_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Index("ix_locks_expires_at", "expires_at"),
+)
+
+# flatmachines ResultBackend writes (children.StoreResults) for ids that are
+# not executions of the store (an execution's result is its outcome): one row
+# per URI, kept until deleted or until retention removes it, as old as a
+# finished execution it would remove.
+results = Table(
+    "results",
+    metadata,
+    Column("uri", String(600), primary_key=True),
+    Column("data", JSON),
+    Column("created_at", DateTime, nullable=False),
+    Index("ix_results_created_at", "created_at"),
+)
+
 FINAL_STATUSES = ("completed", "failed", "cancelled")

@@ -12,19 +12,32 @@ condition again, so an execution retried (queued again) after it was chosen
 stays. An id submitted again after its prune is a new execution: nothing of
 the old one is left to be returned. Configs are kept by hash for whoever
 submits them again and are not removed here.
+
+Beside executions, a prune removes the rows of flatmachines' contracts that
+belong to no execution: results written before the same cut-off (a result is
+finished when it is written) and locks whose time ran out (they hold nothing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
 from ..clock import utcnow
 from .db import Database
-from .models import FINAL_STATUSES, blobs, checkpoint_blobs, checkpoints, executions, signals
+from .models import (
+    FINAL_STATUSES,
+    blobs,
+    checkpoint_blobs,
+    checkpoints,
+    executions,
+    locks,
+    results,
+    signals,
+)
 
 # A blob no execution links is removed once it was not named for this long. A
 # writer that names a blob its execution does not link yet moves its used_at
@@ -41,6 +54,8 @@ class Pruned:
     executions: int = 0
     checkpoints: int = 0
     signals: int = 0
+    results: int = 0
+    locks: int = 0
 
 
 def _prunable(before: datetime, statuses: Sequence[str]) -> sa.ColumnElement[bool]:
@@ -77,7 +92,8 @@ class Retention:
             raise ValueError(f"not a finished status: {sorted(bad)}")
         condition = _prunable(before, statuses)
         if dry_run:
-            return await self.db.read(lambda conn: self._count(conn, condition, limit))
+            counted = await self.db.read(lambda conn: self._count(conn, condition, limit))
+            return replace(counted, **await self.db.read(lambda conn: _leftovers(conn, before)))
         total = Pruned()
         while limit is None or total.executions < limit:
             size = BATCH if limit is None else min(BATCH, limit - total.executions)
@@ -85,7 +101,8 @@ class Retention:
             total = Pruned(*(a + b for a, b in zip(_fields(total), _fields(done), strict=True)))
             if done.executions < size:
                 break
-        return total
+        swept = await self.db.write(lambda conn: _leftovers(conn, before, delete=True))
+        return replace(total, **swept)
 
     @staticmethod
     def _count(conn: sa.Connection, condition: sa.ColumnElement[bool], limit: int | None) -> Pruned:
@@ -175,3 +192,18 @@ def unlink_blobs(
             or 0
         )
     return removed
+
+
+def _leftovers(conn: sa.Connection, before: datetime, *, delete: bool = False) -> dict[str, int]:
+    """Results written before ``before`` and expired locks: counted, or removed."""
+    old_results = results.c.created_at < before
+    expired = locks.c.expires_at <= utcnow()
+    if not delete:
+        return {
+            "results": conn.scalar(sa.select(sa.func.count()).where(old_results)) or 0,
+            "locks": conn.scalar(sa.select(sa.func.count()).where(expired)) or 0,
+        }
+    return {
+        "results": conn.execute(sa.delete(results).where(old_results)).rowcount or 0,
+        "locks": conn.execute(sa.delete(locks).where(expired)).rowcount or 0,
+    }

@@ -176,6 +176,58 @@ class Signals:
 
         return await self.db.write(tx)
 
+    async def consume_signal(
+        self, channel: str, *, execution_id: str | None = None, fence: int | None = None
+    ) -> SignalRecord | None:
+        """Take and remove the oldest free signal of ``channel`` now, in one
+        transaction: flatmachines' ``consume`` for a caller that is not a
+        waiting run of the runner (which reserves, see ``reserve_signal``). A
+        signal given to a waiter is that waiter's and is not taken. With
+        ``execution_id`` and ``fence`` the caller is a claimed run: LeaseLost if
+        the claim moved, and a signal given to that run is taken first."""
+
+        def tx(conn: sa.Connection) -> SignalRecord | None:
+            if execution_id is not None:
+                held = conn.execute(
+                    sa.update(executions)
+                    .where(
+                        executions.c.id == execution_id,
+                        executions.c.fence == fence,
+                        executions.c.status == "running",
+                    )
+                    .values(updated_at=utcnow())
+                )
+                if held.rowcount != 1:
+                    raise LeaseLost(execution_id, fence or 0)
+            # serialised with send and park: a signal being given to a waiter
+            # is never taken from under it
+            self.db.dialect.lock_channel(conn, channel)
+            free = signals.c.assigned_to.is_(None)
+            order: list[Any] = [signals.c.id]
+            if execution_id is not None:
+                mine = signals.c.assigned_to == execution_id
+                free = sa.or_(free, mine)
+                order = [sa.case((mine, 0), else_=1), signals.c.id]
+            row = (
+                conn.execute(
+                    sa.select(signals)
+                    .where(signals.c.channel == channel, _UNCONSUMED, free)
+                    .order_by(*order)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                )
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            # removed, as the library's consume removes it: nothing is left for
+            # retention, and no later consume or peek sees it
+            conn.execute(sa.delete(signals).where(signals.c.id == row["id"]))
+            return SignalRecord.from_row(row)
+
+        return await self.db.write(tx)
+
     async def pending_signals(self, channel: str | None = None) -> list[SignalRecord]:
         """Signals not yet consumed, oldest first."""
         stmt = sa.select(signals).where(_UNCONSUMED).order_by(signals.c.id)

@@ -12,6 +12,8 @@ run a transaction):
     signals.py      durable signals: send, take, consume
     lineage.py      children, the groups their parents wait on, forks (groups.py)
     work.py         flatmachines work pools
+    locks.py        flatmachines ExecutionLock on any key (expiring rows)
+    results.py      flatmachines ResultBackend writes for ids that are not executions
     retention.py    finished executions removed, with everything of theirs
 
 The imports form a tree: store → aggregates → (checkpoints ←) executions → db →
@@ -33,7 +35,9 @@ from .configs import Configs
 from .db import Database
 from .executions import Executions
 from .lineage import Lineage
+from .locks import Locks
 from .queues import Queues
+from .results import Results
 from .retention import Retention
 from .signals import Signals
 from .work import WorkPools
@@ -70,6 +74,8 @@ class Store:
         self.lineage = Lineage(self.db)
         self.work = WorkPools(self.db)
         self.retention = Retention(self.db)
+        self.locks = Locks(self.db)
+        self.results = Results(self.db)
 
     @property
     def url(self) -> sa.URL:
@@ -186,8 +192,18 @@ class Store:
 
     send_signal = _Verb("signals")
     reserve_signal = _Verb("signals")
+    consume_signal = _Verb("signals")
     pending_signals = _Verb("signals")
     signal_channels = _Verb("signals")
+
+    acquire_lock = _Verb("locks")
+    renew_lock = _Verb("locks")
+    release_lock = _Verb("locks")
+    lock_holder = _Verb("locks")
+
+    write_result = _Verb("results")
+    read_result = _Verb("results")
+    delete_result = _Verb("results")
 
     add_schedule = _Verb("queues")
     list_schedules = _Verb("queues")
