@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flatmachines import ConfigStore, ExecutionLock, PersistenceBackend
-from flatmachines.persistence import config_hash
+from flatmachines.persistence import MachineSnapshot, config_hash
 from flatmachines.signals import Signal
 
 from . import checks, timers
@@ -49,23 +50,7 @@ PROGRESS_EVENTS = frozenset({"machine_start", "state_enter", "execute"})
 DEFAULT_LINGER = 0.2
 
 # the snapshot fields a save compares when its context is known unchanged
-_HEADER_ONLY = (
-    "execution_id",
-    "machine_name",
-    "spec_version",
-    "current_state",
-    "step",
-    "created_at",
-    "event",
-    "output",
-    "total_api_calls",
-    "total_cost",
-    "parent_execution_id",
-    "pending_launches",
-    "waiting_channel",
-    "tool_loop_state",
-    "config_hash",
-)
+_HEADER_ONLY = tuple(f.name for f in dataclasses.fields(MachineSnapshot) if f.name != "context")
 
 
 # the last part of a key: 'latest', 'step_000003_state_exit.json'

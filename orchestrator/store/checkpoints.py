@@ -17,10 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..clock import utcnow
-from ..errors import LeaseLost
 from .db import Database
-from .fenced import FencedWrite, fenced_insert
-from .models import blobs, checkpoint_blobs, checkpoints, executions
+from .fenced import FencedWrite, fenced_insert, hold
+from .models import blobs, checkpoint_blobs, checkpoints
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
 from .snapshots import FULL, Decoded, decode, hashes_of, parse, whole
@@ -224,17 +223,7 @@ class Checkpoints:
         mine = checkpoints.c.execution_id == execution_id
 
         def tx(conn: sa.Connection) -> int:
-            held = conn.execute(
-                sa.update(executions)
-                .where(
-                    executions.c.id == owner_id,
-                    executions.c.fence == fence,
-                    executions.c.status == "running",
-                )
-                .values(updated_at=utcnow())
-            )
-            if held.rowcount != 1:
-                raise LeaseLost(owner_id, fence)
+            hold(conn, owner_id, fence)
             cutoff = conn.scalar(
                 sa.select(checkpoints.c.id)
                 .where(mine, durable)

@@ -12,9 +12,12 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import sqlalchemy as sa
+
 from ..clock import utcnow
 from ..errors import LeaseLost
 from . import engine as eng
+from .models import executions
 from .outage import classify
 from .records import CheckpointRow
 
@@ -40,6 +43,22 @@ _RAW_UPSERT_BLOB = (
 _RAW_LINK_BLOB = (
     "INSERT INTO checkpoint_blobs (execution_id, hash) VALUES (?, ?) ON CONFLICT DO NOTHING"
 )
+
+
+def hold(conn: sa.Connection, execution_id: str, fence: int) -> None:
+    """Prove a claim still holds its execution, in the caller's transaction
+    (the row is locked to its end on PostgreSQL): LeaseLost if not."""
+    held = conn.execute(
+        sa.update(executions)
+        .where(
+            executions.c.id == execution_id,
+            executions.c.fence == fence,
+            executions.c.status == "running",
+        )
+        .values(updated_at=utcnow())
+    )
+    if held.rowcount != 1:
+        raise LeaseLost(execution_id, fence)
 
 
 def moved_to(owner_id: str, rows: Sequence[CheckpointRow]) -> tuple[int, str | None] | None:

@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from ..clock import utcnow
-from ..errors import LeaseLost
 from .db import Database
+from .fenced import hold
 from .models import executions, signals
 from .records import SignalRecord
 
@@ -161,17 +161,7 @@ class Signals:
         than ``sent_by``, when a deadline passed). LeaseLost if the claim moved."""
 
         def tx(conn: sa.Connection) -> SignalRecord | None:
-            held = conn.execute(
-                sa.update(executions)
-                .where(
-                    executions.c.id == execution_id,
-                    executions.c.fence == fence,
-                    executions.c.status == "running",
-                )
-                .values(updated_at=utcnow())
-            )
-            if held.rowcount != 1:
-                raise LeaseLost(execution_id, fence)
+            hold(conn, execution_id, fence)
             return take_next(conn, execution_id, channel, sent_by)
 
         return await self.db.write(tx)
@@ -188,17 +178,7 @@ class Signals:
 
         def tx(conn: sa.Connection) -> SignalRecord | None:
             if execution_id is not None:
-                held = conn.execute(
-                    sa.update(executions)
-                    .where(
-                        executions.c.id == execution_id,
-                        executions.c.fence == fence,
-                        executions.c.status == "running",
-                    )
-                    .values(updated_at=utcnow())
-                )
-                if held.rowcount != 1:
-                    raise LeaseLost(execution_id, fence or 0)
+                hold(conn, execution_id, fence or 0)
             # serialised with send and park: a signal being given to a waiter
             # is never taken from under it
             self.db.dialect.lock_channel(conn, channel)
