@@ -1,27 +1,43 @@
 """Retention: finished executions go, with everything of theirs.
 
-An execution is removed whole or not at all: its row, its checkpoints and the
-signals it was given go in one transaction, so a prune stopped halfway (killed,
-the database gone) leaves no execution without its history or history without
-its execution. Batches are small, so no transaction holds the write lock long
-beside running workers.
+An execution is removed whole or not at all: its row and every row it owns
+(``delete_owned``: its checkpoints, the signals it was given) go in one
+transaction, so a prune stopped halfway (killed, the database gone) leaves no
+execution without its history or history without its execution. Batches are
+small (``BATCH`` executions a transaction), so no transaction holds the write
+lock long beside running workers.
 
 Never removed: an unfinished execution, and a finished child whose root is
 unfinished (its parent may still read its result). The delete names its own
 condition again, so an execution retried (queued again) after it was chosen
 stays. An id submitted again after its prune is a new execution: nothing of
-the old one is left to be returned. Configs are kept by hash for whoever
-submits them again and are not removed here.
+the old one is left to be returned or resumed. Configs are kept by hash for
+whoever submits them again and are not removed here; neither are signals
+nobody was given (a signal sent before anyone waits is kept until consumed).
+
+Who calls it: the leader scheduler's retention job (machines/retention.yml,
+``ORCH_RETENTION``), a batch a state, a bounded number of batches a run;
+``orch prune`` on demand; and flatmachines' ``PersistenceBackend.prune``
+(``prune_checkpoint_sets``).
+
+Space: SQLite puts the pages a batch frees on its freelist and the next
+inserts reuse them (auto_vacuum is NONE, as in every store this project ever
+created; INCREMENTAL or FULL, set by an operator, reuse or return them too),
+so a file whose retention removes as much as comes in stops growing with no
+VACUUM. PostgreSQL's autovacuum makes the deleted rows' space reusable in the
+same way. bench/w10_retention.py measures both.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
+from ..clock import utcnow
 from .db import Database
 from .models import FINAL_STATUSES, checkpoints, executions, signals
 
@@ -34,18 +50,62 @@ class Pruned:
     checkpoints: int = 0
     signals: int = 0
 
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(
+            self.executions + other.executions,
+            self.checkpoints + other.checkpoints,
+            self.signals + other.signals,
+        )
 
-def _prunable(before: datetime, statuses: Sequence[str]) -> sa.ColumnElement[bool]:
+
+def delete_owned(conn: sa.Connection, ids: Sequence[str]) -> tuple[int, int]:
+    """Delete every row these executions own, in the caller's transaction (the
+    one that deletes their ``executions`` rows): (checkpoints, signals).
+
+    The one place that says what an execution owns. A table that keeps rows of
+    an execution (checkpoint content stored apart, links to shared values by
+    hash, ...) adds its delete here, and a shared value goes here once no link
+    is left to it."""
+    cps = conn.execute(sa.delete(checkpoints).where(checkpoints.c.execution_id.in_(ids)))
+    sig = conn.execute(sa.delete(signals).where(signals.c.assigned_to.in_(ids)))
+    return cps.rowcount or 0, sig.rowcount or 0
+
+
+def _count_owned(conn: sa.Connection, ids: sa.Select) -> tuple[int, int]:
+    """What ``delete_owned`` would delete: (checkpoints, signals)."""
+    cps = conn.scalar(sa.select(sa.func.count()).where(checkpoints.c.execution_id.in_(ids)))
+    sig = conn.scalar(sa.select(sa.func.count()).where(signals.c.assigned_to.in_(ids)))
+    return cps or 0, sig or 0
+
+
+def _prunable(
+    before: datetime | None, statuses: Sequence[str], keep_newest: int | None
+) -> sa.ColumnElement[bool]:
+    """Finished (of ``statuses``), its root finished too, and chosen: finished
+    before ``before``, or not among the ``keep_newest`` most recently finished
+    executions. Neither given: every finished one."""
     root = executions.alias("root")
     root_unfinished = (
         sa.select(root.c.id)
         .where(root.c.id == executions.c.root_id, root.c.status.not_in(FINAL_STATUSES))
         .exists()
     )
+    chosen: list[sa.ColumnElement[bool]] = []
+    if before is not None:
+        chosen.append(executions.c.finished_at < before)
+    if keep_newest is not None:
+        newest = executions.alias("newest")
+        kept = (
+            sa.select(newest.c.id)
+            .where(newest.c.status.in_(FINAL_STATUSES), newest.c.finished_at.is_not(None))
+            .order_by(newest.c.finished_at.desc(), newest.c.id.desc())
+            .limit(keep_newest)
+        )
+        chosen.append(executions.c.id.not_in(kept))
     return sa.and_(
         executions.c.status.in_(statuses),
         executions.c.finished_at.is_not(None),
-        executions.c.finished_at < before,
+        sa.or_(*chosen) if chosen else sa.true(),
         ~root_unfinished,
     )
 
@@ -57,41 +117,66 @@ class Retention:
     async def prune(
         self,
         *,
-        before: datetime,
+        before: datetime | None,
         statuses: Sequence[str] = tuple(FINAL_STATUSES),
         dry_run: bool = False,
         limit: int | None = None,
+        keep_newest: int | None = None,
     ) -> Pruned:
         """Remove finished executions (of ``statuses``) that finished before
-        ``before``, at most ``limit`` of them; ``dry_run`` counts them only."""
+        ``before`` (None: any time) or, with ``keep_newest``, are not among the
+        that many most recently finished; at most ``limit`` of them, ``BATCH`` a
+        transaction (a ``limit`` of ``BATCH`` or less is one transaction).
+        ``dry_run`` counts them only."""
         bad = set(statuses) - set(FINAL_STATUSES)
         if bad:
             raise ValueError(f"not a finished status: {sorted(bad)}")
-        condition = _prunable(before, statuses)
+        condition = _prunable(before, statuses, keep_newest)
         if dry_run:
             return await self.db.read(lambda conn: self._count(conn, condition, limit))
         total = Pruned()
         while limit is None or total.executions < limit:
             size = BATCH if limit is None else min(BATCH, limit - total.executions)
             done = await self.db.write(lambda conn, n=size: self._batch(conn, condition, n))
-            total = Pruned(*(a + b for a, b in zip(_fields(total), _fields(done), strict=True)))
+            total += done
             if done.executions < size:
                 break
         return total
 
+    async def prune_checkpoint_sets(
+        self, *, max_age_seconds: float | None = None, max_count: int | None = None
+    ) -> int:
+        """flatmachines' ``PersistenceBackend.prune`` on this store: the number
+        of executions removed.
+
+        The library removes any execution's checkpoints by the age of its latest
+        one; on a shared store of live executions that would take the history
+        from under a long wait (a run parked for a signal or a timer) and leave
+        rows without their checkpoints. Here a checkpoint set is an execution,
+        removed whole under this module's rules: finished ones only (a finished
+        child of an unfinished root stays), their age counted from when they
+        finished (their last checkpoint). ``max_count`` keeps the N most recently
+        finished; unfinished executions are neither removed nor counted. Neither
+        limit given: nothing is removed, as in the library."""
+        for name, value in (("max_age_seconds", max_age_seconds), ("max_count", max_count)):
+            if value is not None and (value < 0 or math.isnan(value)):
+                raise ValueError(f"{name} must be non-negative")
+        if max_age_seconds is None and max_count is None:
+            return 0
+        before = None
+        if max_age_seconds is not None:
+            try:
+                before = utcnow() - timedelta(seconds=float(max_age_seconds))
+            except OverflowError:  # longer ago than datetime goes: nothing is that old
+                before = datetime.min
+        done = await self.prune(before=before, keep_newest=max_count)
+        return done.executions
+
     @staticmethod
     def _count(conn: sa.Connection, condition: sa.ColumnElement[bool], limit: int | None) -> Pruned:
         chosen = sa.select(executions.c.id).where(condition).limit(limit).subquery()
-        ids = sa.select(chosen.c.id)
-        return Pruned(
-            executions=conn.scalar(sa.select(sa.func.count()).select_from(chosen)) or 0,
-            checkpoints=conn.scalar(
-                sa.select(sa.func.count()).where(checkpoints.c.execution_id.in_(ids))
-            )
-            or 0,
-            signals=conn.scalar(sa.select(sa.func.count()).where(signals.c.assigned_to.in_(ids)))
-            or 0,
-        )
+        found = conn.scalar(sa.select(sa.func.count()).select_from(chosen)) or 0
+        return Pruned(found, *_count_owned(conn, sa.select(chosen.c.id)))
 
     @staticmethod
     def _batch(conn: sa.Connection, condition: sa.ColumnElement[bool], size: int) -> Pruned:
@@ -111,10 +196,4 @@ class Retention:
         ]
         if not gone:
             return Pruned()
-        cps = conn.execute(sa.delete(checkpoints).where(checkpoints.c.execution_id.in_(gone)))
-        sig = conn.execute(sa.delete(signals).where(signals.c.assigned_to.in_(gone)))
-        return Pruned(len(gone), cps.rowcount or 0, sig.rowcount or 0)
-
-
-def _fields(p: Pruned) -> tuple[int, int, int]:
-    return (p.executions, p.checkpoints, p.signals)
+        return Pruned(len(gone), *delete_owned(conn, gone))

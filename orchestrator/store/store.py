@@ -152,6 +152,7 @@ class Store:
     requeue_expired = _Verb("executions")
 
     prune = _Verb("retention")
+    prune_checkpoint_sets = _Verb("retention")
 
     save_checkpoint = _Verb("checkpoints")
     save_checkpoints = _Verb("checkpoints")
