@@ -288,6 +288,8 @@ class RetentionHooks(MachineHooks):
             context["checkpoints"] += done.checkpoints
             context["signals"] += done.signals
             context["more"] = done.executions == batch
+        elif action_name == "reclaim":
+            context["reclaimed"] = await self.s.store.reclaim()
         else:
             raise ValueError(f"retention machine names unknown action '{action_name}'")
         return context

@@ -24,12 +24,18 @@ Space: SQLite puts the pages a batch frees on its freelist and the next
 inserts reuse them (auto_vacuum is NONE, as in every store this project ever
 created; INCREMENTAL or FULL, set by an operator, reuse or return them too),
 so a file whose retention removes as much as comes in stops growing with no
-VACUUM. PostgreSQL's autovacuum makes the deleted rows' space reusable in the
-same way. bench/w10_retention.py measures both.
+VACUUM. On PostgreSQL a deleted row's space is reused only once a vacuum has
+passed; autovacuum may be off, or far behind on a table this busy, so after a
+run that removed something the leader vacuums the tables it removed from
+(``reclaim``): a plain VACUUM takes no lock that blocks reads or writes, and
+TRUNCATE false keeps it from the exclusive lock that would hand the file's
+tail back (the space is for the next rows anyway). Its cost follows what
+changed since the last one. bench/w10_retention.py measures both stores.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +47,12 @@ from ..clock import utcnow
 from .db import Database
 from .models import FINAL_STATUSES, checkpoints, executions, signals
 
+log = logging.getLogger(__name__)
+
 BATCH = 200  # executions a transaction removes
+# the tables a prune removes rows from, vacuumed after it on PostgreSQL; a table
+# delete_owned() deletes from goes here too
+RECLAIMED = (executions, checkpoints, signals)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +182,28 @@ class Retention:
                 before = datetime.min
         done = await self.prune(before=before, keep_newest=max_count)
         return done.executions
+
+    async def reclaim(self) -> bool:
+        """PostgreSQL: VACUUM the tables a prune removed rows from, so that their
+        space is reused (see the module's opening); False when it did not run
+        (SQLite, which needs none, or a vacuum that could not start at once)."""
+        if self.db.dialect.name != "postgresql":
+            return False
+        return await self.db.call(self._vacuum)
+
+    def _vacuum(self) -> bool:
+        names = ", ".join(t.name for t in RECLAIMED)
+        try:
+            with self.db.engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                # another vacuum of these tables (autovacuum, an operator) is at it
+                conn.exec_driver_sql("SET lock_timeout = '1s'")
+                conn.exec_driver_sql(f"VACUUM (TRUNCATE false) {names}")
+                conn.exec_driver_sql("RESET lock_timeout")
+        except sa.exc.DBAPIError as exc:  # the next run vacuums what this one could not
+            log.info("retention: no vacuum this run (%s)", str(exc).splitlines()[0])
+            return False
+        return True
 
     @staticmethod
     def _count(conn: sa.Connection, condition: sa.ColumnElement[bool], limit: int | None) -> Pruned:

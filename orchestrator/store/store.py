@@ -153,6 +153,7 @@ class Store:
 
     prune = _Verb("retention")
     prune_checkpoint_sets = _Verb("retention")
+    reclaim = _Verb("retention")
 
     save_checkpoint = _Verb("checkpoints")
     save_checkpoints = _Verb("checkpoints")
