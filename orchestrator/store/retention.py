@@ -35,6 +35,7 @@ changed since the last one. bench/w10_retention.py measures both stores.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -198,8 +199,11 @@ class Retention:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
                 # another vacuum of these tables (autovacuum, an operator) is at it
                 conn.exec_driver_sql("SET lock_timeout = '1s'")
-                conn.exec_driver_sql(f"VACUUM (TRUNCATE false) {names}")
-                conn.exec_driver_sql("RESET lock_timeout")
+                try:
+                    conn.exec_driver_sql(f"VACUUM (TRUNCATE false) {names}")
+                finally:  # the pooled connection goes back as it came
+                    with contextlib.suppress(sa.exc.DBAPIError):
+                        conn.exec_driver_sql("RESET lock_timeout")
         except sa.exc.DBAPIError as exc:  # the next run vacuums what this one could not
             log.info("retention: no vacuum this run (%s)", str(exc).splitlines()[0])
             return False
