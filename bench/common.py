@@ -78,6 +78,11 @@ class Config:
     # W5 memory
     w5_sizes: tuple[int, int] = (100, 10_000)
     w5_concurrency: int = 4
+    # W10 retention
+    w10_marks: tuple[int, int] = (5_000, 20_000)
+    w10_rate: float = 60.0  # executions submitted a second (one worker keeps up under load)
+    w10_interval: float = 5.0  # seconds between retention runs that found nothing more
+    w10_concurrency: int = 4
 
     @classmethod
     def smoke(cls) -> Config:
@@ -94,6 +99,8 @@ class Config:
             w4_sizes=(200, 2_000),
             w4_cycles=50,
             w5_sizes=(20, 200),
+            w10_marks=(200, 800),
+            w10_rate=50.0,
         )
 
     def as_dict(self) -> dict[str, Any]:

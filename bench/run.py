@@ -43,6 +43,7 @@ WORKLOADS = {
     "W6": "bench.w6_io",
     "W7": "bench.w7_latency",
     "W8": "bench.w8_cli",
+    "W10": "bench.w10_retention",
 }
 
 
@@ -76,6 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--w4-sizes", help="W4 backlog sizes SMALL,LARGE (default 1000,100000)")
     g.add_argument("--w4-cycles", type=int, help="W4 claim+finish cycles timed (default 500)")
     g.add_argument("--w5-sizes", help="W5 execution counts SMALL,LARGE (default 100,10000)")
+    g = p.add_argument_group("W10")
+    g.add_argument("--w10-marks", help="W10 sizes read at SMALL,LARGE executions (5000,20000)")
+    g.add_argument("--w10-rate", type=float, help="W10 executions submitted a second (60)")
+    g.add_argument("--w10-interval", type=float, help="W10 seconds between retention runs (5)")
     return p.parse_args(argv)
 
 
@@ -110,6 +115,13 @@ def build_config(args: argparse.Namespace) -> Config:
     if args.w5_sizes:
         a, b = (int(x) for x in args.w5_sizes.split(","))
         cfg.w5_sizes = (a, b)
+    if args.w10_marks:
+        a, b = (int(x) for x in args.w10_marks.split(","))
+        cfg.w10_marks = (a, b)
+    if args.w10_rate:
+        cfg.w10_rate = args.w10_rate
+    if args.w10_interval:
+        cfg.w10_interval = args.w10_interval
     return cfg
 
 
