@@ -301,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         for f in data["failed"]:
             print(f"  FAILED: {f['what']}: {f['error'].splitlines()[-1] if f['error'] else ''}")
     results = [
-        json.loads(p.read_text()) for p in sorted(store_dir.glob("W*.json")) if p.stem in WORKLOADS
+        json.loads(p.read_text())
+        for p in sorted(
+            store_dir.glob("W*.json"), key=lambda p: (len(p.stem), p.stem)
+        )  # W10 after W8
+        if p.stem in WORKLOADS
     ]
     out_path.write_text(render(results, cfg.quick))
     print(f"wrote {out_path}")
