@@ -300,13 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped: {s['what']}: {s['reason']}")
         for f in data["failed"]:
             print(f"  FAILED: {f['what']}: {f['error'].splitlines()[-1] if f['error'] else ''}")
-    results = [
-        json.loads(p.read_text())
-        for p in sorted(
-            store_dir.glob("W*.json"), key=lambda p: (len(p.stem), p.stem)
-        )  # W10 after W8
-        if p.stem in WORKLOADS
-    ]
+    in_order = sorted(store_dir.glob("W*.json"), key=lambda p: (len(p.stem), p.stem))  # W10 last
+    results = [json.loads(p.read_text()) for p in in_order if p.stem in WORKLOADS]
     out_path.write_text(render(results, cfg.quick))
     print(f"wrote {out_path}")
     return 0
