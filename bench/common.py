@@ -84,6 +84,11 @@ class Config:
     w9_concurrency: int = 4
     w9_repeats: int = 1  # W9's own repeats: one W9 run stays near 5 minutes
     w9_kill_ttl: float = 2.0  # --lease-ttl of the worker that is killed at the last turn
+    # W10 retention
+    w10_marks: tuple[int, int] = (5_000, 20_000)
+    w10_rate: float = 60.0  # executions submitted a second (one worker keeps up under load)
+    w10_interval: float = 5.0  # seconds between retention runs that found nothing more
+    w10_concurrency: int = 4
 
     @classmethod
     def smoke(cls) -> Config:
@@ -101,6 +106,8 @@ class Config:
             w4_cycles=50,
             w5_sizes=(20, 200),
             w9_turns=(10, 20),
+            w10_marks=(200, 800),
+            w10_rate=50.0,
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -44,6 +44,7 @@ WORKLOADS = {
     "W7": "bench.w7_latency",
     "W8": "bench.w8_cli",
     "W9": "bench.w9_agent_loop",
+    "W10": "bench.w10_retention",
 }
 
 
@@ -86,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--w9-repeats", type=int, help="W9 runs per figure (default 1: one W9 run is ~5 min)"
     )
+    g = p.add_argument_group("W10")
+    g.add_argument("--w10-marks", help="W10 sizes read at SMALL,LARGE executions (5000,20000)")
+    g.add_argument("--w10-rate", type=float, help="W10 executions submitted a second (60)")
+    g.add_argument("--w10-interval", type=float, help="W10 seconds between retention runs (5)")
     return p.parse_args(argv)
 
 
@@ -125,6 +130,13 @@ def build_config(args: argparse.Namespace) -> Config:
         cfg.w9_turns = (a, b)
     if args.w9_repeats:
         cfg.w9_repeats = args.w9_repeats
+    if args.w10_marks:
+        a, b = (int(x) for x in args.w10_marks.split(","))
+        cfg.w10_marks = (a, b)
+    if args.w10_rate:
+        cfg.w10_rate = args.w10_rate
+    if args.w10_interval:
+        cfg.w10_interval = args.w10_interval
     return cfg
 
 
@@ -307,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped: {s['what']}: {s['reason']}")
         for f in data["failed"]:
             print(f"  FAILED: {f['what']}: {f['error'].splitlines()[-1] if f['error'] else ''}")
-    results = [
-        json.loads(p.read_text()) for p in sorted(store_dir.glob("W*.json")) if p.stem in WORKLOADS
-    ]
+    in_order = sorted(store_dir.glob("W*.json"), key=lambda p: (len(p.stem), p.stem))  # W10 last
+    results = [json.loads(p.read_text()) for p in in_order if p.stem in WORKLOADS]
     out_path.write_text(render(results, cfg.quick))
     print(f"wrote {out_path}")
     return 0

@@ -33,7 +33,7 @@ from .client import Client
 from .clock import iso
 from .errors import OrchError, StoreUnavailable, UserError, WaitTimeout
 from .routing import missing_hooks
-from .settings import Settings
+from .settings import DEFAULT_RETENTION, Settings
 from .store import Store
 from .store.outage import Backoff
 
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from .machine_config import MachineConfig
     from .worker import Worker
 
-# how long `orch prune` keeps a finished execution unless told otherwise
-DEFAULT_RETENTION = 30 * 86400.0
 
 T = TypeVar("T")
 Machine = "str | Path | dict[str, Any] | MachineConfig"

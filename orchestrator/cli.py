@@ -72,7 +72,9 @@ def settings_from(ctx: click.Context, **overrides: Any) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        fail(f"bad setting {'.'.join(map(str, err['loc']))}: {err['msg']} (check ORCH_* variables)")
+        name = "ORCH_" + "_".join(map(str, err["loc"])).upper()
+        msg = err["msg"].removeprefix("Value error, ")
+        fail(f"bad setting {name}: {msg} (check ORCH_* variables)")
         raise AssertionError from None
 
 

@@ -468,6 +468,14 @@ class FencedPersistence(PersistenceBackend):
         self._chains.pop(execution_id, None)
         await self.store.delete_checkpoints(execution_id)
 
+    async def prune(
+        self, *, max_age_seconds: float | None = None, max_count: int | None = None
+    ) -> int:
+        # finished executions only, each whole: what that means here is in retention.py
+        return await self.store.prune_checkpoint_sets(
+            max_age_seconds=max_age_seconds, max_count=max_count
+        )
+
 
 def _taken_at(raw: object) -> datetime | None:
     """The snapshot's own ISO timestamp as naive UTC (the store's convention)."""

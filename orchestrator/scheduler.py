@@ -4,7 +4,8 @@ Several schedulers may run on several hosts; a lease row in the store (with
 its own fence) makes one of them leader, and a standby takes over within one
 lease TTL after the leader dies. Every job renews and checks leadership before
 it acts. Jobs: the reaper (machines/reaper.yml), the autoscaler
-(machines/scaler.yml) and cron schedules.
+(machines/scaler.yml), cron schedules and retention (machines/retention.yml:
+finished executions removed after ``ORCH_RETENTION``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -31,7 +33,7 @@ from .errors import StoreUnavailable, UserError
 from .pool import LocalPool
 from .scaling import Decision, decide
 from .settings import Settings
-from .store import Store
+from .store import Store, retention
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ class SchedulerOptions:
     reap_interval: float | None = None  # default ttl/2
     scale_interval: float = 1.0
     schedule_interval: float = 1.0
+    # retention: a run every tick while the last one left executions to remove,
+    # else one every interval
+    retention_tick: float = 1.0
+    retention_interval: float = 60.0
 
 
 class Scheduler:
@@ -63,6 +69,7 @@ class Scheduler:
         self._stopping = asyncio.Event()
         # pids of pool workers seen dead whose executions are not requeued yet
         self._exited: list[int] = []
+        self._retention_due: datetime | None = None  # None: at the next tick
 
     # ------------------------------------------------------------ leadership
 
@@ -92,6 +99,28 @@ class Scheduler:
             return await self._run_machine("reaper", "orch-reaper", ReaperHooks(self))
         except StoreUnavailable:
             return None  # the next run reaps what this one could not
+
+    async def retain(self) -> dict[str, Any] | None:
+        """A run of the retention machine when one is due: at once while the
+        last run left executions to remove, else every retention interval."""
+        if self._retention_due is not None and utcnow() < self._retention_due:
+            return None
+        if not await self.check_leadership():
+            return None
+        try:
+            out = await self._run_machine("retention", "orch-retention", RetentionHooks(self))
+        except StoreUnavailable:
+            return None  # the next tick goes on where this one stopped
+        if out.get("executions"):
+            log.info(
+                "retention removed %d finished execution(s) (%d checkpoints, %d signals)",
+                out["executions"],
+                out["checkpoints"],
+                out["signals"],
+            )
+        pause = 0.0 if out.get("more") else self.options.retention_interval
+        self._retention_due = utcnow() + timedelta(seconds=pause)
+        return out
 
     async def scale(self) -> dict[str, Any] | None:
         if self.pool is not None:
@@ -188,6 +217,7 @@ class Scheduler:
         jobs.add_job(
             self.fire_schedules, "interval", seconds=self.options.schedule_interval, **common
         )
+        jobs.add_job(self.retain, "interval", seconds=self.options.retention_tick, **common)
         # act at once on start: a schedule missed while no scheduler ran fires now
         await self.check_leadership()
         await self.fire_schedules()
@@ -235,6 +265,35 @@ class ReaperHooks(MachineHooks):
             context["requeued"], context["failed"] = requeued, failed
         else:
             raise ValueError(f"reaper machine names unknown action '{action_name}'")
+        return context
+
+
+class RetentionHooks(MachineHooks):
+    def __init__(self, scheduler: Scheduler):
+        self.s = scheduler
+        self._before: datetime | None = None
+
+    async def on_action(self, state_name: str, action_name: str, context: dict[str, Any]):
+        if action_name == "cutoff":
+            keep = self.s.settings.retention
+            context["keep_forever"] = keep == 0
+            if keep:
+                self._before = utcnow() - timedelta(seconds=keep)
+        elif action_name == "prune_batch":
+            assert self._before is not None, "retention machine prunes before its cutoff"
+            batch = retention.BATCH
+            done = await self.s.store.prune(before=self._before, limit=batch)
+            context["batches"] += 1
+            context["executions"] += done.executions
+            context["checkpoints"] += done.checkpoints
+            context["signals"] += done.signals
+            context["more"] = done.executions == batch
+        elif action_name == "sweep_blobs":
+            context["blobs"] = await self.s.store.sweep_blobs()
+        elif action_name == "reclaim":
+            context["reclaimed"] = await self.s.store.reclaim()
+        else:
+            raise ValueError(f"retention machine names unknown action '{action_name}'")
         return context
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Any
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import timers
+
 DEFAULT_DATABASE_URL = "sqlite:///./orch.sqlite"
+DEFAULT_RETENTION = 30 * 86400.0  # seconds a finished execution is kept
 
 
 class Settings(BaseSettings):
@@ -37,3 +42,18 @@ class Settings(BaseSettings):
     max_context_bytes: int = Field(
         64 * 2**20, gt=0, description="bytes of an execution's context at a checkpoint"
     )
+    # Seconds a finished execution (completed, failed, cancelled) is kept before
+    # the leader's retention job removes it with everything of its own; 0 keeps
+    # every execution forever. The environment takes the durations of
+    # `orch prune --older-than` (30d, 12h, 30s).
+    retention: float = Field(DEFAULT_RETENTION, ge=0, le=timers.MAX_SECONDS)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return timers.parse_duration(value)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; 0 keeps executions forever") from None

@@ -158,6 +158,9 @@ class Store:
     requeue_expired = _Verb("executions")
 
     prune = _Verb("retention")
+    prune_checkpoint_sets = _Verb("retention")
+    reclaim = _Verb("retention")
+    sweep_blobs = _Verb("retention")
 
     save_checkpoint = _Verb("checkpoints")
     save_checkpoints = _Verb("checkpoints")
