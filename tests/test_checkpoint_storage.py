@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.client import Client
+from orchestrator.clock import utcnow
 from orchestrator.persistence import FencedPersistence
 from orchestrator.store import snapshots
 from orchestrator.store.models import blobs, checkpoint_blobs, checkpoints
@@ -471,3 +472,74 @@ def test_deleting_a_checkpoint_leaves_every_other_one_readable(store, tmp_path):
     for step in (1, 3, 4, 5):
         at = run_async(store.checkpoint_at(ex_id, step))
         assert json.loads(at.snapshot)["context"] == {"n": step, "k": [1] * step, **_PAD}
+
+
+# ------------------------------------------------------------------ retention of blobs
+
+
+def _blob_hashes(store) -> set[str]:
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.connect() as conn:
+            return set(conn.scalars(sa.select(blobs.c.hash)).all())
+    finally:
+        engine.dispose()
+
+
+def test_a_prune_removes_the_blobs_only_its_executions_named(store, tmp_path):
+    from datetime import datetime, timedelta
+
+    from freezegun import freeze_time
+
+    only_a, shared = "only in a " * 200, "in both " * 200
+    t0 = datetime(2026, 1, 1)
+    with freeze_time(t0) as clock:
+        ids = []
+        for name, context in (("a.yml", {"x": only_a, "y": shared}), ("b.yml", {"y": shared, **_PAD})):
+            ex_id, claim = _claimed(store, tmp_path, name)
+            ids.append(ex_id)
+
+            async def go(ex_id=ex_id, claim=claim, context=context):
+                p = FencedPersistence(store, claim, linger=3600)
+                await _save(p, ex_id, 1, "state_exit", context)
+                await p.close()
+                await store.finish(claim, status="completed", output={}, error=None)
+
+            run_async(go())
+            clock.tick(timedelta(days=20))
+        assert len(_blob_hashes(store)) == 3
+        clock.move_to(t0 + timedelta(days=31))
+        done = run_async(store.prune(before=utcnow() - timedelta(days=30)))
+        assert done.executions == 1
+        # the string only a named is gone; the one b names too stays, and reads back
+        assert _blob_hashes(store) == {
+            snapshots.blob_of(shared).hash,
+            snapshots.blob_of(_PAD["pad"]).hash,
+        }
+        at = run_async(store.checkpoint_at(ids[1], 1))
+        assert json.loads(at.snapshot)["context"] == {"y": shared, **_PAD}
+
+
+def test_the_sweep_removes_blobs_nothing_names_once_their_grace_is_over(store):
+    from datetime import datetime, timedelta
+
+    from freezegun import freeze_time
+
+    from orchestrator.store.retention import BLOB_GRACE
+
+    old, young = snapshots.blob_of("o" * 2000), snapshots.blob_of("y" * 2000)
+    t0 = datetime(2026, 1, 1)
+    engine = sa.create_engine(store.url)
+    try:
+        with engine.begin() as conn:
+            for blob, at in ((old, t0), (young, t0 + BLOB_GRACE)):
+                conn.execute(
+                    sa.insert(blobs).values(
+                        hash=blob.hash, data=blob.data, codec=blob.codec, size=blob.size, used_at=at
+                    )
+                )
+    finally:
+        engine.dispose()
+    with freeze_time(t0 + BLOB_GRACE + timedelta(minutes=1)):
+        assert run_async(store.sweep_blobs()) == 1
+    assert _blob_hashes(store) == {young.hash}

@@ -324,6 +324,7 @@ def test_retention_zero_keeps_everything(db_url, tmp_path):
             "batches": 0,
             "more": False,
             "reclaimed": False,
+            "blobs": 0,
         }
         assert ids_left(store) == {"ancient"}
         assert owned(store) == ({"ancient": 2}, {"ancient": 1})
