@@ -52,7 +52,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FULL, DELTA = 0, 1
-# strings this long (characters) are stored once, by hash
+# strings this long (characters) are stored once, by hash. Measured on W9's
+# agent (2 KB answers of English-like text, zlib to about 1 KB): 100 turns store
+# 158 KiB of rows and blobs with 256 or 1,024, and 264 KiB with 4,096 (the
+# answers inline, every full row holding them again); 200 turns 321 vs 602 KiB.
+# Below 1,024 a string's hash and link cost about what inlining it saves.
 BIG = 1024
 # a chain ends once its deltas outweigh its full row (at least this many bytes)
 MIN_FULL = 512
