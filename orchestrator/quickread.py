@@ -76,6 +76,7 @@ CHECKED_SETTINGS = frozenset(
         "max_input_bytes",
         "max_signal_bytes",
         "max_context_bytes",
+        "retention",
     }
 )
 _CHECKED_ENV = frozenset(f"ORCH_{name.upper()}" for name in CHECKED_SETTINGS)

@@ -167,7 +167,7 @@ def test_anything_but_the_plain_case_goes_to_the_engine(tmp_path, monkeypatch):
     with pytest.raises(quickread.NotHere):
         quickread.list_executions(url)
     r = orch("list", db_url=url, ORCH_STORE_PATIENCE="soon")
-    assert r.returncode == 2 and "store_patience" in r.stderr
+    assert r.returncode == 2 and "ORCH_STORE_PATIENCE" in r.stderr
     monkeypatch.delenv("ORCH_STORE_PATIENCE")
 
     with sqlite3.connect(tmp_path / "orch.sqlite") as conn:  # a schema older than this code
