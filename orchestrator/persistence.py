@@ -200,7 +200,8 @@ class FencedPersistence(PersistenceBackend):
             context_within_limit(doc.get("context"), self.store.settings.max_context_bytes)
         if stored is None:  # not short (or never was): what changed since the last row
             only = _HEADER_ONLY if same_context and chain is not None else None
-            stored, chain = snapshots.encode(chain, doc, only=only)
+            row_fields = snapshots.row_fields(step, event, at)
+            stored, chain = snapshots.encode(chain, doc, only=only, row=row_fields)
             self._within_limit(execution_id, chain, stored, doc)
             self._chains[execution_id] = chain
         row = CheckpointRow(
@@ -404,9 +405,13 @@ class FencedPersistence(PersistenceBackend):
             return json.dumps(snapshots.plain(chain.doc)).encode("utf-8")
         rows = [self._pending[i] for i in upto]
         fulls = [k for k, r in enumerate(rows) if r.delta == snapshots.FULL]
-        stored = [r.snapshot for r in rows[fulls[-1] :]] if fulls else None
-        if stored is None:
-            stored = await self.store.chain_rows(execution_id) + [r.snapshot for r in rows]
+        pending = [
+            (r.snapshot, snapshots.row_fields(r.step, r.event, r.at))
+            for r in rows[(fulls[-1] if fulls else 0) :]
+        ]
+        chain_rows = pending if fulls else await self.store.chain_rows(execution_id) + pending
+        stored = [b for b, _ in chain_rows]
+        columns = [c for _, c in chain_rows]
         texts = {b.hash: snapshots.blob_text(b.data, b.codec) for r in rows for b in r.blobs}
 
         def lookup(hashes: set[str]) -> dict[str, str]:
@@ -415,7 +420,7 @@ class FencedPersistence(PersistenceBackend):
         wanted = snapshots.hashes_of(snapshots.parse(b) for b in stored) - set(texts)
         if wanted:
             texts.update(await self.store.blob_texts(wanted))
-        return json.dumps(snapshots.decode(stored, lookup).doc).encode("utf-8")
+        return json.dumps(snapshots.decode(stored, lookup, columns).doc).encode("utf-8")
 
     async def delete(self, key: str) -> None:
         """Delete a snapshot; safe when it does not exist. Here the latest is the

@@ -22,7 +22,7 @@ from .fenced import FencedWrite, fenced_insert, hold
 from .models import blobs, checkpoint_blobs, checkpoints
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
-from .snapshots import FULL, Decoded, decode, hashes_of, parse, whole
+from .snapshots import FULL, Decoded, decode, hashes_of, parse, row_fields, whole
 
 # checkpoints taken before a state runs (persistence.py): not durable points
 PROGRESS_EVENTS = ("machine_start", "state_enter", "execute")
@@ -40,19 +40,30 @@ def read_snapshot(conn: sa.Connection, execution_id: str, row_id: int) -> Decode
         )
         .scalar_subquery()
     )
-    rows = [
-        bytes(r.snapshot)
-        for r in conn.execute(
-            sa.select(checkpoints.c.snapshot)
-            .where(
-                checkpoints.c.execution_id == execution_id,
-                checkpoints.c.id >= sa.func.coalesce(full, 0),
-                checkpoints.c.id <= row_id,
-            )
-            .order_by(checkpoints.c.id)
+    rows = conn.execute(
+        sa.select(*_CHAIN_COLUMNS)
+        .where(
+            checkpoints.c.execution_id == execution_id,
+            checkpoints.c.id >= sa.func.coalesce(full, 0),
+            checkpoints.c.id <= row_id,
         )
-    ]
-    return decode(rows, lambda hashes: blob_texts(conn, hashes))
+        .order_by(checkpoints.c.id)
+    ).all()
+    return decode(
+        [bytes(r.snapshot) for r in rows],
+        lambda hashes: blob_texts(conn, hashes),
+        [row_fields(r.step, r.event, r.created_at) for r in rows],
+    )
+
+
+# what a chain's rows are read with: the stored body, and the columns a delta
+# may leave its step, event and time to
+_CHAIN_COLUMNS = (
+    checkpoints.c.snapshot,
+    checkpoints.c.step,
+    checkpoints.c.event,
+    checkpoints.c.created_at,
+)
 
 
 def blob_texts(conn: sa.Connection, hashes: set[str]) -> dict[str, str]:
@@ -190,15 +201,16 @@ class Checkpoints:
 
         return await self.db.read(tx)
 
-    async def chain_rows(self, execution_id: str) -> list[bytes]:
-        """The stored rows of the execution's latest chain (full row first)."""
+    async def chain_rows(self, execution_id: str) -> list[tuple[bytes, tuple[int, str, str]]]:
+        """The stored rows of the execution's latest chain (full row first),
+        each with its step, event and time (``row_fields``)."""
         full = (
             sa.select(sa.func.max(checkpoints.c.id))
             .where(checkpoints.c.execution_id == execution_id, checkpoints.c.delta == FULL)
             .scalar_subquery()
         )
         stmt = (
-            sa.select(checkpoints.c.snapshot)
+            sa.select(*_CHAIN_COLUMNS)
             .where(
                 checkpoints.c.execution_id == execution_id,
                 checkpoints.c.id >= sa.func.coalesce(full, 0),
@@ -206,8 +218,11 @@ class Checkpoints:
             .order_by(checkpoints.c.id)
         )
 
-        def tx(conn: sa.Connection) -> list[bytes]:
-            return [bytes(r.snapshot) for r in conn.execute(stmt)]
+        def tx(conn: sa.Connection) -> list[tuple[bytes, tuple[int, str, str]]]:
+            return [
+                (bytes(r.snapshot), row_fields(r.step, r.event, r.created_at))
+                for r in conn.execute(stmt)
+            ]
 
         return await self.db.read(tx)
 

@@ -49,6 +49,7 @@ import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 FULL, DELTA = 0, 1
@@ -366,12 +367,27 @@ def encode_full(
     return Stored(data, FULL, tuple(refs.new.values()), raw), chain
 
 
+# the snapshot fields a row's own columns hold as well: a delta whose values of
+# them are its row's (``r``) leaves them to the columns
+ROW_FIELDS = ("step", "event", "created_at")
+
+
+def row_fields(step: int, event: str, at: datetime | None) -> tuple[int, str, str] | None:
+    """A row's step, event and time as its snapshot writes them (the runner's
+    ``created_at``: naive UTC, ISO, ``+00:00``)."""
+    return None if at is None else (step, event, f"{at.isoformat()}+00:00")
+
+
 def encode(
-    chain: Chain | None, doc: dict[str, Any], *, only: Iterable[str] | None = None
+    chain: Chain | None,
+    doc: dict[str, Any],
+    *,
+    only: Iterable[str] | None = None,
+    row: tuple[int, str, str] | None = None,
 ) -> tuple[Stored, Chain]:
     """See ``_encode``; NotJSON for a value JSON cannot hold."""
     try:
-        return _encode(chain, doc, only=only)
+        return _encode(chain, doc, only=only, row=row)
     except NotJSON:
         raise
     except (TypeError, ValueError, RecursionError, OverflowError) as exc:
@@ -379,11 +395,17 @@ def encode(
 
 
 def _encode(
-    chain: Chain | None, doc: dict[str, Any], *, only: Iterable[str] | None = None
+    chain: Chain | None,
+    doc: dict[str, Any],
+    *,
+    only: Iterable[str] | None = None,
+    row: tuple[int, str, str] | None = None,
 ) -> tuple[Stored, Chain]:
     """The row that stores ``doc`` after ``chain``'s last one: a delta, or a
     full row when there is no chain or it is long enough. ``only``: the
-    fields that can have changed (the others are known to be the same).
+    fields that can have changed (the others are known to be the same);
+    ``row``: the row's own step, event and time (``row_fields``), which a
+    delta leaves to the row's columns when the snapshot's are the same.
     On an error the chain is spent (its copy may be half updated)."""
     if chain is None or chain.rows >= MAX_CHAIN:
         return encode_full(doc, 0, chain.hashes if chain else None)
@@ -391,6 +413,15 @@ def _encode(
     refs = _Refs(chain.hashes)
     base = chain.doc
     keys = only if only is not None else doc
+    from_row = (
+        row is not None
+        and all(k in base for k in ROW_FIELDS)
+        and type(doc.get("step")) is int
+        and (doc.get("step"), doc.get("event"), doc.get("created_at")) == row
+    )
+    if from_row:
+        base["step"], base["event"], base["created_at"] = Num(row[0]), row[1], row[2]
+        keys = [k for k in keys if k not in ROW_FIELDS]
     for k in keys:
         v = doc[k]
         if k in base:
@@ -407,6 +438,8 @@ def _encode(
             del base[k]
             ops.append(["d", [k]])
     body: dict[str, Any] = {"n": chain.n + 1, "o": ops}
+    if from_row:
+        body["r"] = 1
     if refs.refs:
         body["b"] = refs.refs
     data, raw = _body(body)
@@ -535,27 +568,36 @@ class Decoded:
     hashes: dict[str, str]  # big strings met -> their hashes
 
 
-def decode(rows: list[bytes], texts: Any) -> Decoded:
+def decode(
+    rows: list[bytes], texts: Any, columns: list[tuple[int, str, str]] | None = None
+) -> Decoded:
     """The document of a chain's last row: ``rows`` its stored bodies, full one
     first; ``texts`` the big strings they name, by hash (a mapping, or a
-    function of the set of hashes that returns one)."""
+    function of the set of hashes that returns one); ``columns`` each row's
+    step, event and time (``row_fields``), for the deltas that leave them to
+    their row."""
     if not rows:
         raise BrokenChain("no checkpoint rows to read")
     bodies = [parse(r) for r in rows]
     if callable(texts):
         wanted = hashes_of(bodies)
         texts = texts(wanted) if wanted else {}
-    return decode_bodies(bodies, [len(r) for r in rows], texts)
+    return decode_bodies(bodies, [len(r) for r in rows], texts, columns)
 
 
-def decode_bodies(bodies: list[dict[str, Any]], sizes: list[int], texts: dict[str, str]) -> Decoded:
+def decode_bodies(
+    bodies: list[dict[str, Any]],
+    sizes: list[int],
+    texts: dict[str, str],
+    columns: list[tuple[int, str, str]] | None = None,
+) -> Decoded:
     first = bodies[0]
     if "s" not in first:
         raise BrokenChain("a checkpoint chain that does not start with a full row")
     found: dict[str, str] = {}
     doc = _fill(first["s"], first, texts, found)
     n = first.get("n", 0)
-    for body in bodies[1:]:
+    for i, body in enumerate(bodies[1:], start=1):
         if "s" in body:  # a full row inside (a reader that asked from too far back)
             doc, n = _fill(body["s"], body, texts, found), body.get("n", 0)
             continue
@@ -565,6 +607,10 @@ def decode_bodies(bodies: list[dict[str, Any]], sizes: list[int], texts: dict[st
             )
         n += 1
         doc = _fill(_apply(doc, body), body, texts, found)
+        if body.get("r"):
+            if columns is None:
+                raise BrokenChain("a checkpoint row read without its columns")
+            doc["step"], doc["event"], doc["created_at"] = columns[i]
     return Decoded(doc, n, sizes[0], sum(sizes[1:]), len(bodies), found)
 
 
