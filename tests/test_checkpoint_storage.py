@@ -517,7 +517,8 @@ def test_a_prune_removes_the_blobs_only_its_executions_named(store, tmp_path):
     t0 = datetime(2026, 1, 1)
     with freeze_time(t0) as clock:
         ids = []
-        for name, context in (("a.yml", {"x": only_a, "y": shared}), ("b.yml", {"y": shared, **_PAD})):
+        contexts = (("a.yml", {"x": only_a, "y": shared}), ("b.yml", {"y": shared, **_PAD}))
+        for name, context in contexts:
             ex_id, claim = _claimed(store, tmp_path, name)
             ids.append(ex_id)
 
