@@ -161,19 +161,6 @@ class FencedPersistence(PersistenceBackend):
             doc=doc,
         )
 
-    async def save_row(self, row: CheckpointRow) -> None:
-        """``save`` of a row whose metadata the caller has in hand; its
-        ``snapshot`` the library's JSON text."""
-        await self.save_doc(
-            execution_id=row.execution_id,
-            key=row.key,
-            step=row.step,
-            event=row.event,
-            state=row.state,
-            at=row.at,
-            doc=json.loads(row.snapshot),
-        )
-
     async def save_doc(
         self,
         *,
@@ -413,14 +400,10 @@ class FencedPersistence(PersistenceBackend):
         stored = [b for b, _ in chain_rows]
         columns = [c for _, c in chain_rows]
         texts = {b.hash: snapshots.blob_text(b.data, b.codec) for r in rows for b in r.blobs}
-
-        def lookup(hashes: set[str]) -> dict[str, str]:
-            return texts
-
         wanted = snapshots.hashes_of(snapshots.parse(b) for b in stored) - set(texts)
         if wanted:
             texts.update(await self.store.blob_texts(wanted))
-        return json.dumps(snapshots.decode(stored, lookup, columns).doc).encode("utf-8")
+        return json.dumps(snapshots.decode(stored, texts, columns).doc).encode("utf-8")
 
     async def delete(self, key: str) -> None:
         """Delete a snapshot; safe when it does not exist. Here the latest is the

@@ -22,7 +22,7 @@ from .fenced import FencedWrite, fenced_insert, hold
 from .models import blobs, checkpoint_blobs, checkpoints
 from .records import CheckpointRecord, CheckpointRow, WaitEnd
 from .signals import end_wait
-from .snapshots import FULL, Decoded, decode, hashes_of, parse, row_fields, whole
+from .snapshots import FULL, Decoded, blob_text, decode, hashes_of, parse, row_fields, whole
 
 # checkpoints taken before a state runs (persistence.py): not durable points
 PROGRESS_EVENTS = ("machine_start", "state_enter", "execute")
@@ -67,8 +67,6 @@ _CHAIN_COLUMNS = (
 
 
 def blob_texts(conn: sa.Connection, hashes: set[str]) -> dict[str, str]:
-    from .snapshots import blob_text
-
     out: dict[str, str] = {}
     todo = sorted(hashes)
     for i in range(0, len(todo), 500):

@@ -498,11 +498,6 @@ def whole(doc: dict[str, Any], n: int) -> bytes:
 # ---------------------------------------------------------------- decoding
 
 
-def is_plain(data: bytes) -> bool:
-    """A row written before this format: the library's own JSON text."""
-    return data[:1] == b"{"
-
-
 def parse(data: bytes) -> dict[str, Any]:
     """A stored row's body (a pre-format row as a full one at number 0)."""
     data = bytes(data)
