@@ -566,3 +566,18 @@ def test_the_sweep_removes_blobs_nothing_names_once_their_grace_is_over(store):
     with freeze_time(t0 + BLOB_GRACE + timedelta(minutes=1)):
         assert run_async(store.sweep_blobs()) == 1
     assert _blob_hashes(store) == {young.hash}
+
+
+def test_a_step_that_never_committed_is_not_blamed_on_a_history_window(store, tmp_path):
+    from orchestrator.errors import UserError
+    from orchestrator.runner import Runner
+
+    ex_id = run_async(
+        Client(store).submit(_loop_machine(tmp_path / "m.yml", 2, None), {})
+    ).execution.id
+    claim = run_async(store.claim("w", ["default"]))
+    assert run_async(Runner(store, _registry()).run(claim)).status == "completed"
+    with pytest.raises(UserError) as refused:
+        run_async(Client(store).fork(ex_id, from_step=0))
+    assert "history window" not in str(refused.value)
+    assert "steps to fork from: 1-4" in str(refused.value)

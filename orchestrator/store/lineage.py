@@ -128,7 +128,7 @@ class Lineage:
                     .order_by(checkpoints.c.step)
                 ).all()
                 gone = ""
-                if steps and step < steps[0]:
+                if steps and 1 <= step < steps[0]:  # states are numbered from 1
                     gone = " (its workflow's history window let go of it)"
                 raise UserError(
                     f"execution {source_id} has no committed state at step {step}{gone}; steps "
